@@ -1,0 +1,45 @@
+"""The one exception tree of alma.
+
+::
+
+    AlmaError                 every error alma raises on purpose
+    ├── ConfigError           a bad .experiment, .batch or run module (names file, field, fix)
+    ├── StateError            a state file alma cannot use: unreadable, corrupt, foreign
+    └── LockedError           the experiment is already running in another process/kernel
+
+    Interrupted (BaseException)   raised inside run() by save_callback once stop() was asked
+
+``Interrupted`` derives from ``BaseException`` (like ``KeyboardInterrupt``) so that a
+``try: ... except Exception:`` inside a user's run function does not swallow a pause.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AlmaError", "ConfigError", "Interrupted", "LockedError", "StateError"]
+
+
+class AlmaError(Exception):
+    """Base class of every error alma raises on purpose."""
+
+
+class ConfigError(AlmaError, ValueError):
+    """An experiment, batch or run module is invalid; nothing was run or written."""
+
+
+class StateError(AlmaError):
+    """A state file cannot be used (corrupt, not alma's, or another experiment's).
+
+    alma never overwrites such a file: move it away or point ``"state"`` elsewhere.
+    """
+
+
+class LockedError(AlmaError):
+    """The experiment is already running in another process or kernel."""
+
+
+class Interrupted(BaseException):
+    """Raised by ``save_callback`` after it saved, once a stop was asked.
+
+    It aborts the run cooperatively; the run is owed again and resumes from the
+    checkpoint just saved.
+    """

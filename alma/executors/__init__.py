@@ -1,0 +1,47 @@
+"""Executors by name. Optional ones are imported when first asked for.
+
+``"executor"`` in an experiment is ``"threads"`` (default), ``"processes"``, ``"dask"``
+or ``{"dask": "tcp://host:8786"}``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .base import Executor, Outcome, RunSource, Task, execute, to_json
+
+#: name -> "module:Class", imported lazily so optional dependencies stay optional.
+REGISTRY: dict[str, str] = {
+    "threads": "alma.executors.threads:ThreadExecutor",
+}
+
+
+def check_executor(value: Any) -> tuple[str, Any]:
+    """Normalise an ``"executor"`` value to (name, options); ValueError names valid ones."""
+    if isinstance(value, dict) and len(value) == 1:
+        ((name, options),) = value.items()
+    else:
+        name, options = value, None
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise ValueError(f"invalid executor {value!r}, expected one of {sorted(REGISTRY)}")
+    return name, options
+
+
+def executor_class(name: str) -> type[Executor]:
+    """Import and return the executor class registered under ``name``."""
+    module, _, cls = REGISTRY[name].partition(":")
+    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+
+
+__all__ = [
+    "REGISTRY",
+    "Executor",
+    "Outcome",
+    "RunSource",
+    "Task",
+    "check_executor",
+    "execute",
+    "executor_class",
+    "to_json",
+]

@@ -1,0 +1,160 @@
+"""What every executor shares: the unit of work, how one run is executed, the interface.
+
+An executor decides *where* runs execute (threads, processes, a Dask cluster). It pulls
+:class:`Task` objects from a :class:`RunSource` (the dispatcher) and hands back
+:class:`Outcome` objects; it never touches the store. ``execute`` below is the one place
+that calls a user's ``run`` function, so retries, checkpoints and JSON conversion behave
+the same on every executor.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from ..errors import Interrupted
+
+
+@dataclass(slots=True)
+class Task:
+    """One run owed: (instance, iteration), with its last checkpoint if any."""
+
+    key: tuple[int, int]  # (instance id in the store, iteration)
+    instance: str  # as listed in the batch
+    path: str  # resolved file path, what run() receives
+    iteration: int
+    state: str | None = None  # last checkpoint, as JSON text
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How a run ended (an aborted run has no outcome: it is simply owed again)."""
+
+    status: str  # "done" | "failed"
+    result: str | None  # JSON text
+    error: str | None
+    traceback: str | None
+    attempts: int
+    duration: float
+
+
+class RunSource(Protocol):
+    """The dispatcher, as executors see it."""
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was asked: pull no more tasks."""
+
+    def next_task(self) -> Task | None:
+        """The next run owed, or None when there is none (or a stop was asked)."""
+
+    def report(self, task: Task, outcome: Outcome) -> None:
+        """A run finished (done or failed); the dispatcher stores it."""
+
+    def abandon(self, task: Task) -> None:
+        """A run was aborted (stop); it is owed again."""
+
+    def checkpoint(self, task: Task, state: str) -> None:
+        """Durably save a checkpoint (JSON text) of a running task; returns once committed."""
+
+    def executor_done(self) -> None:
+        """Called once by the executor when none of its runs is in flight any more."""
+
+
+class Executor(ABC):
+    """Where runs execute. Subclasses set the class flags and implement start/stop."""
+
+    #: Name used in the experiment's ``"executor"`` field.
+    name: ClassVar[str]
+    #: True when stop() ends in-flight runs at once (their checkpoints are kept).
+    aborts_runs: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        run: Callable[..., Any],
+        workers: int,
+        retries: int = 0,
+        timeout: float | None = None,
+        options: Any = None,
+    ) -> None:
+        self.run = run
+        self.workers = workers
+        self.retries = retries
+        self.timeout = timeout
+        self.options = options
+
+    @abstractmethod
+    def start(self, source: RunSource) -> None:
+        """Begin executing tasks pulled from ``source``; must not block."""
+
+    def stop(self) -> None:  # noqa: B027 - optional hook
+        """A stop was asked (``source.stopping`` is already True). Abort if you can."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (pools, clients)."""
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy (and pandas) scalars and arrays, without importing numpy.
+    if hasattr(obj, "item") and getattr(obj, "shape", None) == ():
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=repr)
+    raise TypeError(
+        f"an object of type {type(obj).__module__}.{type(obj).__qualname__} "
+        "cannot be stored as JSON; return or save numbers, strings, lists and "
+        "dicts (numpy values are converted)"
+    )
+
+
+def to_json(obj: Any) -> str:
+    """Encode a result or checkpoint; raises TypeError naming the unstorable type."""
+    return json.dumps(obj, default=_json_default, separators=(",", ":"))
+
+
+def execute(
+    caller: Callable[[str, Any, Any, int], Any],
+    task: Task,
+    checkpoint: Callable[[Task, str], None],
+    retries: int,
+) -> Outcome:
+    """Run ``task`` (retrying failures up to ``retries`` times) and describe how it ended.
+
+    ``checkpoint(task, json_text)`` must make the state durable and may raise
+    :class:`~alma.errors.Interrupted`, which propagates: the run is aborted, not failed.
+    """
+
+    def save_callback(obj: Any) -> None:
+        text = to_json(obj)
+        task.state = text
+        checkpoint(task, text)
+
+    attempt = 0
+    start = time.perf_counter()
+    while True:
+        attempt += 1
+        state = None if task.state is None else json.loads(task.state)
+        try:
+            result = to_json(caller(task.path, save_callback, state, task.iteration))
+        except Exception as exc:  # Interrupted is a BaseException and passes through
+            if attempt <= retries:
+                continue
+            return Outcome(
+                "failed",
+                None,
+                f"{type(exc).__name__}: {exc}",
+                traceback.format_exc(),
+                attempt,
+                time.perf_counter() - start,
+            )
+        return Outcome("done", result, None, None, attempt, time.perf_counter() - start)
+
+
+__all__ = ["Executor", "Interrupted", "Outcome", "RunSource", "Task", "execute", "to_json"]

@@ -1,0 +1,45 @@
+"""Run on worker threads in the dispatcher's process: the default, and the cheapest.
+
+Each worker pulls the next task straight from the dispatcher (no future, no queue per
+run), so dispatch costs about as much as a bare thread pool. Threads cannot be killed:
+stop is cooperative, through ``save_callback`` raising :class:`~alma.errors.Interrupted`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ..errors import Interrupted
+from ..spec import make_caller
+from .base import Executor, RunSource, execute
+
+
+class ThreadExecutor(Executor):
+    """``workers`` threads, each looping: pull a task, run it, report it."""
+
+    name = "threads"
+    aborts_runs = False
+
+    def start(self, source: RunSource) -> None:
+        caller = make_caller(self.run)
+        alive = [self.workers]
+        lock = threading.Lock()
+
+        def work() -> None:
+            try:
+                while (task := source.next_task()) is not None:
+                    try:
+                        outcome = execute(caller, task, source.checkpoint, self.retries)
+                    except Interrupted:
+                        source.abandon(task)
+                    else:
+                        source.report(task, outcome)
+            finally:
+                with lock:
+                    alive[0] -= 1
+                    last = alive[0] == 0
+                if last:
+                    source.executor_done()
+
+        for n in range(self.workers):
+            threading.Thread(target=work, name=f"alma-worker-{n}", daemon=True).start()

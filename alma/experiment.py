@@ -1,0 +1,123 @@
+"""Entry points: ``load(path)`` for experiment files, ``Experiment(...)`` for notebooks.
+
+Both validate everything up front and return a :class:`~alma.dispatcher.Dispatcher`
+that has started nothing and locked nothing. Within one process, asking again for an
+experiment whose dispatcher is still running hands back that live dispatcher, so
+re-running a notebook cell never starts a second one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .dispatcher import Dispatcher
+from .errors import ConfigError
+from .spec import (
+    STATE_SUFFIX,
+    Spec,
+    build_options,
+    check_run_signature,
+    check_state_dir,
+    expand_instances,
+    function_hash,
+    read_batch,
+    read_experiment,
+)
+
+__all__ = ["Dispatcher", "Experiment", "load"]
+
+_live: weakref.WeakValueDictionary[Path, Dispatcher] = weakref.WeakValueDictionary()
+_live_lock = threading.Lock()
+
+
+def _dispatcher(spec: Spec) -> Dispatcher:
+    with _live_lock:
+        live = _live.get(spec.state_path)
+        if live is not None and live.running:
+            warnings.warn(
+                f"{spec.name} is already running in this process; returning the "
+                "live dispatcher (stop it first to reload a changed experiment).",
+                stacklevel=3,
+            )
+            return live
+        dispatcher = Dispatcher(spec)
+        _live[spec.state_path] = dispatcher
+        return dispatcher
+
+
+def load(path: str | os.PathLike[str]) -> Dispatcher:
+    """Load an ``.experiment`` file (its batch and run module) and return its Dispatcher.
+
+    Raises ConfigError for a bad experiment, batch or module, StateError for a state
+    file alma cannot use. Nothing is run, locked or written.
+    """
+    return _dispatcher(read_experiment(path))
+
+
+def Experiment(  # noqa: N802 - reads like a class in notebooks, returns a Dispatcher
+    run: Callable[..., Any],
+    instances: Sequence[str | os.PathLike[str]] | None = None,
+    *,
+    batch: str | os.PathLike[str] | None = None,
+    iterations: int = 1,
+    workers: int = 1,
+    state: str | os.PathLike[str] = "alma.sqlite",
+    order: str = "round-robin",
+    retries: int = 0,
+    executor: Any = "threads",
+    timeout: float | None = None,
+    name: str | None = None,
+) -> Dispatcher:
+    """Define an experiment in code (e.g. a notebook cell) and return its Dispatcher.
+
+    ``instances`` are file paths or globs relative to the working directory; or give a
+    ``batch`` file instead. The ``state`` file makes the experiment resumable: after a
+    kernel restart, running the same cells again picks up where it stopped. ``name``
+    (default: the state file's name) guards against two experiments sharing one state.
+    """
+    where = "Experiment()"
+    if not callable(run):
+        raise ConfigError(
+            f"{where}, argument 'run': expected a function, got {run!r}. "
+            "Pass the function itself: Experiment(run=my_run, ...)."
+        )
+    check_run_signature(run, where)
+    if (instances is None) == (batch is None):
+        raise ConfigError(f"{where}: give exactly one of instances=[...] or batch='x.batch'.")
+    if batch is not None:
+        names, paths = read_batch(batch)
+    else:
+        names, paths = expand_instances(instances, Path.cwd(), where)
+    options = build_options(
+        where,
+        {
+            "iterations": iterations,
+            "workers": workers,
+            "order": order,
+            "retries": retries,
+            "executor": executor,
+            "timeout": timeout,
+        },
+    )
+    state_path = check_state_dir(where, Path(state).resolve())
+    module = getattr(run, "__module__", None)
+    module_file = getattr(sys.modules.get(module or ""), "__file__", None)
+    return _dispatcher(
+        Spec(
+            name=name or state_path.name.removesuffix(STATE_SUFFIX),
+            run=run,
+            instances=names,
+            paths=paths,
+            state_path=state_path,
+            code_hash=function_hash(run),
+            module_path=Path(module_file) if module_file and module != "__main__" else None,
+            **options,
+        )
+    )

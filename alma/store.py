@@ -1,0 +1,356 @@
+"""The state of an experiment, in one SQLite file: the only module that imports sqlite3.
+
+Why SQLite: a commit is atomic and, in WAL mode, survives ``kill -9`` at any moment;
+readers in other processes (``alma status``, a second notebook) see the last commit
+without blocking the writer. ``synchronous=NORMAL`` means a power cut may cost the last
+group commit, never the file. Only the dispatcher's side writes; workers never open it.
+
+The plan is not stored: a run is owed when no row in ``runs`` says it finished, so a
+million-run experiment costs a million result rows and nothing more.
+
+Values are JSON text (results, checkpoints), never pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import StateError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: PRAGMA application_id of alma state files: b"alma" read as a big-endian integer.
+APPLICATION_ID = int.from_bytes(b"alma", "big")
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE instances (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, path TEXT);
+CREATE TABLE runs (
+    instance  INTEGER NOT NULL REFERENCES instances(id),
+    iteration INTEGER NOT NULL,
+    status    TEXT NOT NULL CHECK (status IN ('done', 'failed')),
+    result    TEXT,            -- JSON
+    error     TEXT,
+    traceback TEXT,
+    attempts  INTEGER NOT NULL,
+    duration  REAL,
+    finished  REAL NOT NULL,   -- unix time
+    code      TEXT,            -- hash of the run module that produced this row
+    PRIMARY KEY (instance, iteration)
+) WITHOUT ROWID;
+CREATE TABLE checkpoints (
+    instance  INTEGER NOT NULL,
+    iteration INTEGER NOT NULL,
+    state     TEXT NOT NULL,   -- JSON
+    saved     REAL NOT NULL,
+    PRIMARY KEY (instance, iteration)
+) WITHOUT ROWID;
+CREATE TABLE sessions (
+    id INTEGER PRIMARY KEY, started REAL NOT NULL, pid INTEGER, host TEXT,
+    code TEXT, iterations INTEGER, instances INTEGER
+);
+"""
+
+#: A finished run as the writer stores it:
+#: (instance id, iteration, status, result JSON, error, traceback, attempts,
+#:  duration, finished, code)
+RunRow = tuple[int, int, str, str | None, str | None, str | None, int, float, float, str]
+
+
+class Store:
+    """One experiment's state file: validation, a writer connection, cheap readers."""
+
+    def __init__(self, path: str | os.PathLike[str], experiment: str) -> None:
+        self.path = Path(path)
+        self.experiment = experiment
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+
+    # -- validation -------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        """True when the state file exists and holds something (an empty file is new)."""
+        try:
+            return self.path.stat().st_size > 0
+        except FileNotFoundError:
+            return False
+
+    def _refuse(self, problem: str) -> StateError:
+        return StateError(
+            f"State file {self.path}: {problem}. alma will not overwrite it: move it away, "
+            f'or point the experiment\'s "state" field at another file.'
+        )
+
+    def validate(self) -> None:
+        """Check, read-only, that an existing file is this experiment's state.
+
+        Raises StateError for a file that is not SQLite, not alma's, corrupt, from a
+        newer alma, or from another experiment. Writes nothing.
+        """
+        if not self.exists():
+            return
+        try:
+            with self._reading() as db:
+                app = db.execute("PRAGMA application_id").fetchone()[0]
+                if app != APPLICATION_ID:
+                    raise self._refuse(
+                        "not an alma state file (it is an SQLite database of another program)"
+                    )
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise self._refuse(
+                        f"written by a newer alma (schema {version}, this "
+                        f"alma reads up to {SCHEMA_VERSION}); upgrade alma"
+                    )
+                row = db.execute("SELECT value FROM meta WHERE key='experiment'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise self._refuse(f"unreadable or corrupt ({exc})") from None
+        if row is None:
+            raise self._refuse("it lacks alma's metadata (damaged)")
+        if row[0] != self.experiment:
+            raise self._refuse(f"it belongs to experiment {row[0]!r}, not {self.experiment!r}")
+
+    # -- reading ----------------------------------------------------------------------
+
+    def _reading(self) -> _Reading:
+        return _Reading(self)
+
+    def _connect_reader(self) -> sqlite3.Connection:
+        # mode=ro: a reader can never create, change or lock out the file.
+        db = sqlite3.connect(
+            f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False, timeout=30
+        )
+        return db
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits (cheap change detection)."""
+        if not self.exists():
+            return -1
+        with self._reading() as db:
+            return int(db.execute("PRAGMA data_version").fetchone()[0])
+
+    def instance_ids(self) -> dict[str, int]:
+        """Ids of every instance the state knows (current and removed)."""
+        if not self.exists():
+            return {}
+        with self._reading() as db:
+            return dict(db.execute("SELECT name, id FROM instances"))
+
+    def counts(self, iterations: int) -> dict[int, tuple[int, int]]:
+        """Per instance id: (done, failed) among iterations ``0..iterations-1``."""
+        out: dict[int, list[int]] = {}
+        if not self.exists():
+            return {}
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT instance, status, COUNT(*) FROM runs "
+                "WHERE iteration < ? GROUP BY instance, status",
+                (iterations,),
+            )
+            for inst, status, n in rows:
+                out.setdefault(inst, [0, 0])[0 if status == "done" else 1] = n
+        return {k: (v[0], v[1]) for k, v in out.items()}
+
+    def finished(self, ids: Sequence[int], iterations: int) -> dict[int, bytearray]:
+        """Per instance id, a bytearray with 1 at every finished iteration (done or failed)."""
+        marks = {i: bytearray(iterations) for i in ids}
+        if not self.exists():
+            return marks
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT instance, group_concat(iteration) FROM runs "
+                "WHERE iteration < ? GROUP BY instance",
+                (iterations,),
+            )
+            for inst, its in rows:
+                mark = marks.get(inst)
+                if mark is not None:
+                    for it in map(int, its.split(",")):
+                        mark[it] = 1
+        return marks
+
+    def checkpoints(self) -> dict[tuple[int, int], str]:
+        """Last checkpoint (JSON text) of every unfinished run that saved one."""
+        if not self.exists():
+            return {}
+        with self._reading() as db:
+            rows = db.execute("SELECT instance, iteration, state FROM checkpoints")
+            return {(i, it): s for i, it, s in rows}
+
+    def last_session_code(self) -> str | None:
+        """Code hash recorded by the previous session, if any."""
+        if not self.exists():
+            return None
+        with self._reading() as db:
+            row = db.execute("SELECT code FROM sessions ORDER BY id DESC LIMIT 1").fetchone()
+        return None if row is None else row[0]
+
+    def results_frame(self) -> pd.DataFrame:
+        """One row per finished run; a dict result becomes one column per key."""
+        import pandas as pd
+
+        columns = [
+            "instance",
+            "iteration",
+            "status",
+            "error",
+            "duration",
+            "attempts",
+            "finished",
+            "code",
+            "traceback",
+        ]
+        rows: list[Any] = []
+        if self.exists():
+            with self._reading() as db:
+                rows = db.execute(
+                    "SELECT i.name, r.iteration, r.status, r.error, r.duration, r.attempts,"
+                    " r.finished, r.code, r.traceback, r.result FROM runs r "
+                    "JOIN instances i ON i.id = r.instance ORDER BY r.instance, r.iteration"
+                ).fetchall()
+        frame = pd.DataFrame([r[:-1] for r in rows], columns=columns)
+        frame["finished"] = pd.to_datetime(frame["finished"], unit="s", utc=True)
+        values = [None if r[-1] is None else json.loads(r[-1]) for r in rows]
+        return _expand_results(frame, values)
+
+    # -- writing (the dispatcher's side only) ------------------------------------------
+
+    def open_writer(
+        self, instances: Sequence[tuple[str, str]], iterations: int, code: str
+    ) -> dict[str, int]:
+        """Open (creating if new) for writing; register instances and this session.
+
+        Returns the id of every instance name given, in the given order.
+        """
+        self.validate()
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("BEGIN IMMEDIATE")
+            if db.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+                # A new (or empty) file: the schema is created in the same transaction
+                # as the metadata, so a crash leaves either nothing or a whole schema.
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                db.executemany(
+                    "INSERT INTO meta VALUES (?, ?)",
+                    [("experiment", self.experiment), ("created", str(time.time()))],
+                )
+            db.executemany("INSERT OR IGNORE INTO instances (name, path) VALUES (?, ?)", instances)
+            db.execute(
+                "INSERT INTO sessions (started, pid, host, code, iterations, instances)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (time.time(), os.getpid(), socket.gethostname(), code, iterations, len(instances)),
+            )
+            ids = dict(db.execute("SELECT name, id FROM instances"))
+            db.execute("COMMIT")
+        except BaseException:
+            db.close()
+            raise
+        self._writer = db
+        return {name: ids[name] for name, _ in instances}
+
+    def write(
+        self,
+        runs: Iterable[RunRow],
+        checkpoints: Iterable[tuple[int, int, str, float]],
+        drop_checkpoints: Iterable[tuple[int, int]],
+    ) -> None:
+        """Commit a group of finished runs and checkpoints in one atomic transaction."""
+        db = self._writer
+        assert db is not None, "open_writer() first"
+        db.execute("BEGIN")
+        try:
+            db.executemany("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?)", checkpoints)
+            db.executemany(
+                "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", runs
+            )
+            db.executemany(
+                "DELETE FROM checkpoints WHERE instance = ? AND iteration = ?", drop_checkpoints
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def delete_runs(self, failed_only: bool) -> int:
+        """Forget finished runs (all, or only the failed ones) so they are owed again."""
+        db = self._writer
+        assert db is not None, "open_writer() first"
+        where = " WHERE status = 'failed'" if failed_only else ""
+        db.execute("BEGIN IMMEDIATE")
+        n = db.execute(f"DELETE FROM runs{where}").rowcount
+        if not failed_only:
+            db.execute("DELETE FROM checkpoints")
+        db.execute("COMMIT")
+        return n
+
+    def close_writer(self) -> None:
+        """Close the writer connection (SQLite folds the WAL back into the file)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def close(self) -> None:
+        """Close every connection this object holds."""
+        self.close_writer()
+        with self._read_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+
+
+class _Reading:
+    """Context manager lending the store's shared read-only connection to one caller."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def __enter__(self) -> sqlite3.Connection:
+        s = self.store
+        s._read_lock.acquire()
+        try:
+            if s._reader is None:
+                s._reader = s._connect_reader()
+        except sqlite3.Error as exc:
+            s._read_lock.release()
+            raise s._refuse(f"cannot be opened ({exc})") from None
+        except BaseException:
+            s._read_lock.release()
+            raise
+        return s._reader
+
+    def __exit__(self, *exc: object) -> None:
+        self.store._read_lock.release()
+
+
+def _expand_results(frame: pd.DataFrame, values: list[Any]) -> pd.DataFrame:
+    """Dict results become columns (prefixed ``result_`` on a name clash), others ``result``."""
+    import pandas as pd
+
+    dicts = [v if isinstance(v, dict) else {} for v in values]
+    others = [None if isinstance(v, dict) else v for v in values]
+    if any(dicts):
+        extra = pd.DataFrame.from_records(dicts, index=frame.index)
+        extra.columns = [
+            f"result_{c}" if c in frame.columns or c == "result" else str(c) for c in extra.columns
+        ]
+        frame = pd.concat([frame, extra], axis=1)
+    if any(v is not None for v in others) or not any(dicts):
+        frame["result"] = others
+    return frame
