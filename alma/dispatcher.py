@@ -47,7 +47,8 @@ class Progress:
     failed: int
     #: Runs in flight now.
     running: int
-    #: Runs not started yet: total − done − failed − running.
+    #: Runs still owed: total − done − failed − running (a run that just ended counts
+    #: here until its group commit, a few milliseconds later).
     pending: int
     #: idle, running, stopping, paused or finished.
     status: str
@@ -90,7 +91,8 @@ class Dispatcher:
         self._stopping = False
         self._finished = False
         self._plan: Iterator[tuple[int, int]] | None = None
-        self._inflight: dict[tuple[int, int], Task] = {}
+        self._inflight: dict[tuple[int, int], Task] = {}  # executing now
+        self._saving: set[tuple[int, int]] = set()  # finished, waiting for the group commit
         self._checkpoints: dict[tuple[int, int], str] = {}
         self._executors: list[Executor] = []
         self._live_executors = 0  # executors that have not called executor_done yet
@@ -327,7 +329,7 @@ class Dispatcher:
                 return None
             for pos, it in plan:
                 key = (self._ids[pos], it)
-                if key in self._inflight:
+                if key in self._inflight or key in self._saving:
                     continue
                 task = Task(
                     key,
@@ -359,6 +361,9 @@ class Dispatcher:
             time.time(),
             self.spec.code_hash,
         )
+        with self._mutex:
+            self._inflight.pop(task.key, None)
+            self._saving.add(task.key)
         writer = self._writer
         assert writer is not None
         writer.put_run(row, task.key in self._checkpoints)
@@ -397,7 +402,7 @@ class Dispatcher:
         with self._mutex:
             for row in rows:
                 key = (row[0], row[1])
-                self._inflight.pop(key, None)
+                self._saving.discard(key)
                 self._checkpoints.pop(key, None)
                 pos = self._position.get(row[0])
                 if pos is not None and row[1] < self.spec.iterations:
@@ -442,6 +447,7 @@ class Dispatcher:
         self._stopping = False
         self._plan = None
         self._inflight.clear()  # no executor is left: nothing is really in flight
+        self._saving.clear()
         self._cache_version = None
         self._idle.set()
 
@@ -464,7 +470,7 @@ class Dispatcher:
         """Runs still owed, in the experiment's order; None when nothing is owed."""
         marks = self._store.finished(self._ids, self.spec.iterations)
         rows = [marks[i] for i in self._ids]
-        for inst, it in self._inflight:  # still running from before a stop: not owed
+        for inst, it in [*self._inflight, *self._saving]:  # running, or being saved
             pos = self._position.get(inst)
             if pos is not None and it < self.spec.iterations:
                 rows[pos][it] = 1

@@ -1,0 +1,191 @@
+"""The ``alma`` command: run, status, results, reset. A thin front-end over the Dispatcher.
+
+Exit codes:
+    0    success (``run``: every run of the plan finished and none failed)
+    1    ``run`` finished, but some runs failed (see ``alma status``/``alma results``)
+    2    bad usage or a bad experiment/batch/run module (ConfigError)
+    3    the state file cannot be used (StateError)
+    4    the experiment is already running elsewhere (LockedError)
+    130  ``run`` was paused by Ctrl-C or SIGTERM; ``alma run`` again continues
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, LockedError, StateError
+
+EXIT_OK, EXIT_FAILED_RUNS, EXIT_CONFIG, EXIT_STATE, EXIT_LOCKED, EXIT_PAUSED = 0, 1, 2, 3, 4, 130
+
+
+def _load(path: str) -> Any:
+    from .experiment import load
+
+    return load(path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run (or resume) until every run finished; Ctrl-C/SIGTERM pause cleanly."""
+    from tqdm import tqdm
+
+    dispatcher = _load(args.experiment)
+    asked = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if asked.is_set():  # a second signal: leave now; committed runs are safe
+            print("\nalma: forced exit; finished runs are saved.", file=sys.stderr)
+            os._exit(EXIT_PAUSED)
+        asked.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        p = dispatcher.progress
+        bar = tqdm(
+            total=p.total,
+            initial=p.finished,
+            unit="run",
+            desc=dispatcher.spec.name,
+            dynamic_ncols=True,
+            disable=args.quiet,
+        )
+        dispatcher.start()
+        while not asked.is_set() and not dispatcher.join(timeout=0.2) and dispatcher.running:
+            _update(bar, dispatcher.progress)
+        if asked.is_set():
+            bar.write(
+                f"alma: pausing; waiting for {dispatcher.progress.running} run(s) "
+                "in flight to end or checkpoint (Ctrl-C again to leave at once)…"
+            )
+            dispatcher.stop()
+        p = dispatcher.progress
+        _update(bar, p)
+        bar.close()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    summary = f"{p.done} of {p.total} runs done, {p.failed} failed"
+    if asked.is_set() and not dispatcher.finished:
+        print(
+            f"alma: paused: {summary}. Continue with: alma run {args.experiment}", file=sys.stderr
+        )
+        return EXIT_PAUSED
+    print(f"alma: finished: {summary}. State: {dispatcher.state_path}", file=sys.stderr)
+    return EXIT_FAILED_RUNS if p.failed else EXIT_OK
+
+
+def _update(bar: Any, p: Any) -> None:
+    bar.update(p.finished - bar.n)
+    bar.set_postfix(failed=p.failed, running=p.running, refresh=False)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the per-instance table; works while the experiment runs elsewhere."""
+    dispatcher = _load(args.experiment)
+    p = dispatcher.progress
+    print(dispatcher.state.to_string(index=False))
+    print(
+        f"\n{p.status}: {p.done}/{p.total} done, {p.failed} failed, {p.pending} pending"
+        f"  (state: {dispatcher.state_path})"
+    )
+    return EXIT_OK
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    """Write the results table: CSV to stdout, or to -o FILE (.csv, .json, .parquet)."""
+    frame = _load(args.experiment).results
+    if args.output is None:
+        frame.to_csv(sys.stdout, index=False)
+        return EXIT_OK
+    out = Path(args.output)
+    suffix = out.suffix.lower()
+    if suffix == ".csv":
+        frame.to_csv(out, index=False)
+    elif suffix == ".json":
+        frame.to_json(out, orient="records", date_format="iso", indent=1)
+    elif suffix == ".parquet":
+        try:
+            frame.to_parquet(out, index=False)
+        except ImportError:
+            raise ConfigError(
+                f"{out}: writing parquet needs pyarrow: pip install pyarrow"
+            ) from None
+    else:
+        raise ConfigError(
+            f"-o {out}: unknown format {suffix or '(none)'!r}. Use a file name "
+            "ending in .csv, .json or .parquet."
+        )
+    print(f"alma: wrote {len(frame)} rows to {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    """Forget finished runs so they run again: all of them, or only the failed ones."""
+    dispatcher = _load(args.experiment)
+    if not args.failed and not args.yes:
+        if not sys.stdin.isatty():
+            raise ConfigError(
+                "alma reset deletes every result; add --yes to confirm, or "
+                "--failed to forget only the failed runs."
+            )
+        answer = input(
+            f"Delete all {dispatcher.progress.finished} results of {args.experiment}? [y/N] "
+        )
+        if answer.strip().lower() not in ("y", "yes"):
+            print("alma: nothing deleted.", file=sys.stderr)
+            return EXIT_OK
+    n = dispatcher.reset(failed_only=args.failed)
+    what = "failed runs" if args.failed else "runs"
+    print(f"alma: forgot {n} {what}; they will run again on the next start.", file=sys.stderr)
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    p = argparse.ArgumentParser(
+        prog="alma",
+        description="Plan, run, pause and resume file-based experiments.",
+        epilog="Exit codes: 0 ok, 1 some runs failed, 2 bad usage or config, 3 unusable "
+        "state file, 4 already running elsewhere, 130 paused by Ctrl-C/SIGTERM.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run or resume an experiment, with a progress bar")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+    sub.add_parser("status", help="per-instance progress (readable while it runs)").set_defaults(
+        func=cmd_status
+    )
+    res = sub.add_parser("results", help="results table as CSV, or to a file")
+    res.add_argument("-o", "--output", help="write to FILE.csv, FILE.json or FILE.parquet")
+    res.set_defaults(func=cmd_results)
+    reset = sub.add_parser("reset", help="forget results so runs are done again")
+    reset.add_argument("--failed", action="store_true", help="only the failed runs")
+    reset.add_argument("-y", "--yes", action="store_true", help="do not ask to confirm")
+    reset.set_defaults(func=cmd_reset)
+    for action in (run, sub.choices["status"], res, reset):
+        action.add_argument("experiment", help="path of the .experiment file")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``alma`` console script; returns the exit code."""
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:  # `alma results x | head`: the reader left, not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return EXIT_OK
+    except (ConfigError, StateError, LockedError) as exc:
+        print(f"alma: error: {exc}", file=sys.stderr)
+        codes = {ConfigError: EXIT_CONFIG, StateError: EXIT_STATE, LockedError: EXIT_LOCKED}
+        return codes[type(exc)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
