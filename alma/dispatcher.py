@@ -103,6 +103,7 @@ class Dispatcher:
         self._failed: list[int] = [0] * len(spec.instances)
         self._cache_version: int | None = None
         self._session_start = 0.0
+        self._session_end: float | None = None
         self._session_finished = 0
         self.last_error: RunError | None = None
         self._refresh_counts()
@@ -225,7 +226,8 @@ class Dispatcher:
                 status = "paused"
             else:
                 status = "idle"
-            elapsed = time.monotonic() - self._session_start if self._session_start else 0.0
+            end = time.monotonic() if self._session_end is None else self._session_end
+            elapsed = end - self._session_start if self._session_start else 0.0
             n = self._session_finished
         rate = n / elapsed if n and elapsed > 0 else None
         eta = pending / rate if rate else None
@@ -434,6 +436,7 @@ class Dispatcher:
         self._writer = _Writer(self._store, self._committed, self._writer_failed)
         self._active = True
         self._session_start = time.monotonic()
+        self._session_end = None
         self._session_finished = 0
 
     def _close_session(self) -> None:
@@ -445,6 +448,7 @@ class Dispatcher:
         self._oslock.release()
         self._active = False
         self._stopping = False
+        self._session_end = time.monotonic()
         self._plan = None
         self._inflight.clear()  # no executor is left: nothing is really in flight
         self._saving.clear()

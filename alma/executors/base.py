@@ -143,7 +143,9 @@ def execute(
         state = None if task.state is None else json.loads(task.state)
         try:
             result = to_json(caller(task.path, save_callback, state, task.iteration))
-        except Exception as exc:  # Interrupted is a BaseException and passes through
+        except Interrupted:
+            raise  # a stop, not a failure: the run is owed again
+        except BaseException as exc:  # even sys.exit() in run() fails only that run
             if attempt <= retries:
                 continue
             return Outcome(
