@@ -316,6 +316,13 @@ class Dispatcher:
             f"{p.failed} failed, {p.running} running>"
         )
 
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        """In a Jupyter kernel, show the live controller; alma.notebook (and ipywidgets)
+        is imported only here, so the engine never needs the widget stack."""
+        from .notebook import mimebundle
+
+        return mimebundle(self, include, exclude)
+
     # -- RunSource: what executors call ------------------------------------------------
 
     @property

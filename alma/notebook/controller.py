@@ -1,0 +1,529 @@
+"""The live notebook controller: Start/Stop, a progress bar, counts, errors, instances.
+
+The controller is a thin front-end over :class:`~alma.dispatcher.Dispatcher`: it acts
+only through the dispatcher's public methods and watches it by polling the frozen
+:attr:`~alma.dispatcher.Dispatcher.progress` snapshot on its own timer thread. The
+engine never calls the UI, so 20,000 runs/s cost one snapshot per redraw, and a widget
+that raises is logged once and ignored instead of breaking a run.
+
+Why a captured context: with ipykernel 7 a comm message sent from a plain background
+thread carries whatever parent header the kernel saw last (the cell running *now*), or
+none, so the browser may drop the update or route it to the wrong output area (ipykernel
+#1450, ipywidgets #4001). The controller therefore records the ``contextvars`` context of
+the cell that displayed it and sends every timer update from inside a copy of that
+context, where ``kernel.get_parent()`` answers with the displaying cell's request. This
+does not touch the kernel's global parent, so output of the cell running meanwhile stays
+where it belongs.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import html
+import logging
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import ipywidgets as widgets
+from tqdm.notebook import tqdm as tqdm_notebook
+
+from . import _controllers, _controllers_lock, _register
+
+if TYPE_CHECKING:
+    from ..dispatcher import Dispatcher, Progress
+
+__all__ = ["Controller"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds between redraws while runs go on (about 7 per second).
+INTERVAL = 0.15
+#: Seconds between per-instance view refreshes while running (it reads a DataFrame).
+INSTANCES_INTERVAL = 0.5
+#: Seconds the timer keeps polling after the dispatcher went quiet, then it ends.
+IDLE_GRACE = 2.0
+#: Above this many instances, one cell of the instance view stands for several.
+MAX_CELLS = 1500
+
+_ACTIVE = ("running", "stopping")
+
+# Per-instance colours: (css class suffix, colour, legend label).
+_KINDS = {
+    "failing": ("#d9534f", "failing"),
+    "running": ("#3b82c4", "running"),
+    "complete": ("#2e7d32", "all done"),
+    "partial": ("#9ccc65", "partly done"),
+    "untouched": ("#d6d6d6", "untouched"),
+}
+# When one cell stands for several instances, the most telling status wins.
+_RANK = {"failing": 4, "running": 3, "partial": 2, "complete": 1, "untouched": 0}
+
+
+class _Bar(tqdm_notebook):  # type: ignore[misc]
+    """tqdm's notebook bar fed from a dispatcher snapshot instead of update() calls, so
+    rate and ETA are the dispatcher's own (this session's runs only)."""
+
+    monitor_interval = 0  # no tqdm monitor thread: our timer drives every redraw
+
+    snapshot: tuple[int, int, float, float | None] | None = None
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        d = dict(super().format_dict)
+        if self.snapshot is not None:
+            n, total, elapsed, rate = self.snapshot
+            # initial=n: when rate is unknown tqdm must not invent one from elapsed time
+            d.update(n=n, total=total, elapsed=elapsed, rate=rate, initial=n)
+        return d
+
+
+class Controller(widgets.VBox):
+    """A live control panel for one dispatcher: Start/Stop, progress, counts, status,
+    the last error, and a per-instance strip that reads at a glance for 100+ files.
+
+    Displaying a Dispatcher shows this widget (one per dispatcher, reused); build one
+    explicitly with ``Controller(dispatcher)``. Buttons never block the kernel: Stop
+    waits for runs to wind down in a background thread while the status says "stopping".
+    """
+
+    def __init__(self, dispatcher: Dispatcher, *, interval: float = INTERVAL) -> None:
+        self.interval = max(float(interval), 0.1)  # at most ~10 redraws per second
+        self._dispatcher: Dispatcher | None = dispatcher
+        self._closed = False
+        self._draw_lock = threading.RLock()
+        self._timer_lock = threading.Lock()
+        self._timer: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stopper: threading.Thread | None = None
+        self._message = ""
+        self._ui_error_logged = False
+        #: How many redraws raised (each is logged once, then ignored).
+        self.ui_errors = 0
+        self._context = contextvars.copy_context()
+        self._instances_key: Any = None
+        self._instances_at = 0.0
+        self._frozen_elapsed = 0.0
+        self._last_status = ""
+
+        name = dispatcher.spec.name
+        self.heading = widgets.HTML(f"<b>alma</b> · {html.escape(name)}")
+        self.heading.add_class("alma-title")
+        self.start_button = widgets.Button(
+            description="Start", icon="play", button_style="success", tooltip="Start or resume"
+        )
+        self.start_button.add_class("alma-start")
+        self.stop_button = widgets.Button(
+            description="Stop",
+            icon="stop",
+            button_style="warning",
+            tooltip="Pause: no new runs, in-flight runs end and are saved",
+        )
+        self.stop_button.add_class("alma-stop")
+        self.status_label = widgets.Label(value="")
+        self.status_label.add_class("alma-status")
+        self.start_button.on_click(self._on_start)
+        self.stop_button.on_click(self._on_stop)
+
+        self.bar = _Bar(
+            total=dispatcher.spec.total, display=False, unit="run", leave=True, disable=False
+        )
+        self.bar.container.add_class("alma-progress")
+        self.bar.container.layout.width = "100%"
+        self.counts = widgets.HTML()
+        self.counts.add_class("alma-counts")
+        self.message = widgets.HTML()
+        self.message.add_class("alma-message")
+
+        self.error_text = widgets.HTML()
+        self.error = widgets.Accordion(children=[self.error_text])
+        self.error.selected_index = None  # the traceback stays folded until asked for
+        self.error.layout.display = "none"
+        self.error.add_class("alma-error")
+
+        self.instances = widgets.HTML()
+        self.instances.add_class("alma-instances")
+
+        header = widgets.HBox(
+            [self.start_button, self.stop_button, widgets.HTML("status:"), self.status_label],
+            layout=widgets.Layout(align_items="center"),
+        )
+        super().__init__(
+            children=[
+                self.heading,
+                header,
+                self.bar.container,
+                self.counts,
+                self.message,
+                self.error,
+                self.instances,
+            ]
+        )
+        self.add_class("alma-controller")
+        self._retire_others(dispatcher)
+        _register(dispatcher, self)
+        _live.add(self)
+        _install_cell_hook()
+        self.refresh()
+        if dispatcher.running:
+            self._ensure_timer()
+
+    # -- public --------------------------------------------------------------------
+
+    @property
+    def dispatcher(self) -> Dispatcher | None:
+        """The dispatcher shown (None once closed or replaced by a newer load)."""
+        return self._dispatcher
+
+    @property
+    def closed(self) -> bool:
+        """True once close() was called or a newer controller replaced this one."""
+        return self._closed
+
+    def refresh(self) -> None:
+        """Redraw now from the caller's thread; never raises (a UI error is logged)."""
+        self._safe_redraw(force=True)
+
+    def close(self) -> None:
+        """Stop the timer and close the widgets (the dispatcher is left as it is)."""
+        self._shutdown()
+        for w in (self.start_button, self.stop_button, self.status_label, self.counts):
+            w.close()
+        super().close()
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any] | None:
+        # Displayed (again): updates now belong to this cell's output area.
+        self._context = contextvars.copy_context()
+        self.refresh()
+        if self._dispatcher is not None and self._dispatcher.running:
+            self._ensure_timer()
+        bundle = super()._repr_mimebundle_(**kwargs)
+        if bundle is not None and self._dispatcher is not None:
+            bundle["text/plain"] = repr(self._dispatcher)
+        return bundle
+
+    # -- buttons -------------------------------------------------------------------
+
+    def _on_start(self, _button: Any = None) -> None:
+        d = self._dispatcher
+        if d is None:
+            return
+        self._message = ""
+        try:
+            d.start()  # returns at once; opening the session is a few milliseconds
+        except Exception as exc:  # e.g. LockedError: show it, keep the kernel happy
+            self._message = f"Could not start: {exc}"
+        self.refresh()
+        self._ensure_timer()
+
+    def _on_stop(self, _button: Any = None) -> None:
+        d = self._dispatcher
+        if d is None or (self._stopper is not None and self._stopper.is_alive()):
+            return
+        self._message = ""
+        # stop() waits for in-flight runs to wind down: never in the kernel's thread.
+        self._stopper = threading.Thread(
+            target=self._stop_in_background, args=(d,), name="alma-stop", daemon=True
+        )
+        self._stopper.start()
+        self.refresh()
+        self._ensure_timer()
+
+    def _stop_in_background(self, d: Dispatcher) -> None:
+        try:
+            d.stop()
+        except Exception as exc:
+            self._message = f"Could not stop: {exc}"
+        finally:
+            self._wake.set()
+
+    # -- drawing -------------------------------------------------------------------
+
+    def _safe_redraw(self, force: bool = False) -> None:
+        try:
+            self._redraw(force)
+        except Exception:
+            self.ui_errors += 1
+            if not self._ui_error_logged:
+                self._ui_error_logged = True
+                log.warning(
+                    "alma controller: redrawing failed; the experiment is not affected "
+                    "and further UI errors are not logged.",
+                    exc_info=True,
+                )
+
+    def _redraw(self, force: bool = False) -> None:
+        with self._draw_lock:
+            d = self._dispatcher
+            if d is None:
+                return
+            p = d.progress
+            status = p.status
+            if status == "running" and self._stopper is not None and self._stopper.is_alive():
+                status = "stopping"  # the stop thread may not have reached the engine yet
+            changed = status != self._last_status
+            self._last_status = status
+            with self.hold_sync():
+                self.status_label.value = status
+                self.start_button.disabled = status not in ("idle", "paused")
+                self.stop_button.disabled = status != "running"
+                self._draw_bar(p, status)
+                self.counts.value = _counts_html(p)
+                self.message.value = (
+                    f"<span style='color:#b00020'>{html.escape(self._message)}</span>"
+                    if self._message
+                    else ""
+                )
+                self._draw_error(d)
+            now = time.monotonic()
+            if force or changed or now - self._instances_at >= INSTANCES_INTERVAL:
+                self._instances_at = now
+                self._draw_instances(d)
+
+    def _draw_bar(self, p: Progress, status: str) -> None:
+        if status in _ACTIVE:
+            self._frozen_elapsed = p.elapsed
+            rate = p.rate
+        else:  # paused or done: the clock stops, and a rate would mislead
+            rate = None
+        self.bar.snapshot = (p.finished, p.total, self._frozen_elapsed, rate)
+        self.bar.n = p.finished
+        pbar = self.bar.container.children[1]
+        if pbar.max != p.total:
+            pbar.max = p.total
+            self.bar.total = p.total
+        if p.failed:
+            style = "danger"
+        elif status == "finished":
+            style = "success"
+        else:
+            style = ""
+        pbar.bar_style = style
+        self.bar.display(check_delay=False)
+
+    def _draw_error(self, d: Dispatcher) -> None:
+        err = d.last_error
+        if err is None:
+            self.error.layout.display = "none"
+            return
+        where = f"{err.instance} #{err.iteration}: " if err.instance else ""
+        title = f"Last error: {where}{err.error}"
+        if len(title) > 120:
+            title = title[:117] + "…"
+        self.error.titles = (title,)
+        self.error_text.value = (
+            "<pre style='white-space:pre-wrap;font-size:11px;margin:0'>"
+            f"{html.escape(err.traceback or err.error)}</pre>"
+        )
+        self.error.layout.display = ""
+
+    def _draw_instances(self, d: Dispatcher) -> None:
+        frame = d.state
+        names = [str(x) for x in frame["instance"]]
+        done = [int(x) for x in frame["done"]]
+        failed = [int(x) for x in frame["failed"]]
+        running = [int(x) for x in frame["running"]]
+        iterations = [int(x) for x in frame["iterations"]]
+        key = (tuple(done), tuple(failed), tuple(running))
+        if key == self._instances_key:
+            return  # nothing changed: send nothing to the browser
+        self._instances_key = key
+        self.instances.value = _instances_html(names, done, failed, running, iterations)
+
+    # -- timer ---------------------------------------------------------------------
+
+    def _ensure_timer(self) -> None:
+        """Make sure a timer thread redraws (start one, or keep the live one awake)."""
+        with self._timer_lock:
+            if self._closed:
+                return
+            self._wake.set()
+            if self._timer is not None and self._timer.is_alive():
+                return
+            self._timer = threading.Thread(
+                target=_timer_loop,
+                args=(weakref.ref(self), self._wake),
+                name="alma-controller",
+                daemon=True,
+            )
+            self._timer.start()
+
+    def _tick(self) -> bool:
+        """One timed redraw in the displaying cell's context; True while worth polling."""
+        try:
+            self._context.run(self._safe_redraw)
+        except RuntimeError:  # context entered elsewhere (should not happen): draw plainly
+            self._safe_redraw()
+        return self._last_status in _ACTIVE or (
+            self._stopper is not None and self._stopper.is_alive()
+        )
+
+    def _timer_may_end(self) -> bool:
+        """Called by the timer when idle: end it unless someone just asked for it."""
+        with self._timer_lock:
+            if self._wake.is_set():
+                return False
+            self._timer = None
+            return True
+
+    def _shutdown(self) -> None:
+        with self._timer_lock:
+            self._closed = True
+            timer, self._timer = self._timer, None
+            self._wake.set()
+        if timer is not None and timer is not threading.current_thread():
+            timer.join(timeout=2)
+
+    def _retire(self) -> None:
+        """A newer controller shows the same experiment: let go of the old dispatcher
+        (and its open state file) and say so, instead of showing stale numbers."""
+        self._shutdown()
+        with self._draw_lock:
+            self._dispatcher = None
+            try:
+                self.start_button.disabled = True
+                self.stop_button.disabled = True
+                self.status_label.value = "replaced"
+                self.message.value = (
+                    "<i>This experiment was loaded again; the newer controller is live.</i>"
+                )
+            except Exception:  # a closed widget: nothing to tell
+                pass
+
+    def _retire_others(self, dispatcher: Dispatcher) -> None:
+        with _controllers_lock:
+            others = [
+                c
+                for d, c in _controllers.items()
+                if d is not dispatcher and d.state_path == dispatcher.state_path
+            ]
+        for c in others:
+            d = c.dispatcher
+            if d is not None and not d.running:
+                c._retire()
+
+
+def _timer_loop(ref: weakref.ref[Controller], wake: threading.Event) -> None:
+    """Redraw every ``interval`` while runs go on; end after IDLE_GRACE quiet seconds.
+
+    Holds the controller only weakly between ticks, so a dropped controller ends it.
+    """
+    quiet_since: float | None = None
+    while True:
+        c = ref()
+        if c is None or c.closed:
+            return
+        busy = c._tick()
+        interval = c.interval
+        if busy:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > IDLE_GRACE and c._timer_may_end():
+            return
+        del c
+        if wake.wait(interval):
+            wake.clear()
+            quiet_since = None
+
+
+def _counts_html(p: Progress) -> str:
+    parts = [
+        ("done", p.done, "#2e7d32"),
+        ("failed", p.failed, "#d9534f" if p.failed else "#555"),
+        ("running", p.running, "#3b82c4"),
+        ("pending", p.pending, "#555"),
+    ]
+    spans = " · ".join(
+        f"<span class='alma-count-{k}' style='color:{c}'>{k} <b>{v}</b></span>" for k, v, c in parts
+    )
+    return f"<span style='font-family:monospace'>{spans} · total <b>{p.total}</b></span>"
+
+
+def _kind(done: int, failed: int, running: int, iterations: int) -> str:
+    if failed:
+        return "failing"
+    if running:
+        return "running"
+    if done >= iterations:
+        return "complete"
+    if done:
+        return "partial"
+    return "untouched"
+
+
+def _instances_html(
+    names: list[str],
+    done: list[int],
+    failed: list[int],
+    running: list[int],
+    iterations: list[int],
+) -> str:
+    """A heat strip: one small coloured cell per instance (or per group of instances
+    beyond MAX_CELLS), with a tooltip per cell and a legend with counts."""
+    kinds = [_kind(*row) for row in zip(done, failed, running, iterations, strict=True)]
+    totals = dict.fromkeys(_KINDS, 0)
+    for k in kinds:
+        totals[k] += 1
+    n = len(names)
+    per_cell = max(1, -(-n // MAX_CELLS))
+    cells = []
+    for start in range(0, n, per_cell):
+        group = range(start, min(start + per_cell, n))
+        kind = max((kinds[i] for i in group), key=_RANK.__getitem__)
+        if per_cell == 1:
+            i = start
+            tip = f"{names[i]}: {done[i]}/{iterations[i]} done"
+            if failed[i]:
+                tip += f", {failed[i]} failed"
+            if running[i]:
+                tip += f", {running[i]} running"
+        else:
+            tip = f"{names[group[0]]} … {names[group[-1]]}: {kind}"
+        color = _KINDS[kind][0]
+        cells.append(
+            f"<div class='alma-cell alma-cell-{kind}' title='{html.escape(tip, quote=True)}' "
+            f"style='width:10px;height:10px;margin:1px;background:{color};"
+            "border-radius:2px'></div>"
+        )
+    legend = " ".join(
+        f"<span style='white-space:nowrap;margin-right:10px'>"
+        f"<span style='display:inline-block;width:10px;height:10px;background:{color};"
+        f"border-radius:2px;vertical-align:middle'></span> {label} {totals[k]}</span>"
+        for k, (color, label) in _KINDS.items()
+    )
+    unit = f" (one cell = {per_cell} instances)" if per_cell > 1 else ""
+    return (
+        f"<div style='font-size:11px;color:#444'>instances: {n}{unit} · {legend}</div>"
+        "<div style='display:flex;flex-wrap:wrap;max-width:100%;margin-top:2px'>"
+        f"{''.join(cells)}</div>"
+    )
+
+
+# Live controllers, woken after every cell so that a dispatcher started from code
+# (``d.start()``) gets a moving display even though no button was clicked.
+_live: weakref.WeakSet[Controller] = weakref.WeakSet()
+_hooked: set[int] = set()
+
+
+def _install_cell_hook() -> None:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None or id(shell) in _hooked:
+        return
+    _hooked.add(id(shell))
+    shell.events.register("post_run_cell", _after_cell)
+
+
+def _after_cell(*_args: Any) -> None:
+    for c in list(_live):
+        try:
+            d = c.dispatcher
+            if d is not None and not c.closed and (d.running or c._last_status in _ACTIVE):
+                c._ensure_timer()
+        except Exception:  # never let a UI problem surface in the user's cell
+            log.debug("alma controller: waking the timer failed", exc_info=True)
