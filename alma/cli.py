@@ -46,6 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        dispatcher.start()  # LockedError before any output
         p = dispatcher.progress
         bar = tqdm(
             total=p.total,
@@ -55,7 +56,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             dynamic_ncols=True,
             disable=args.quiet,
         )
-        dispatcher.start()
         while not asked.is_set() and not dispatcher.join(timeout=0.2) and dispatcher.running:
             _update(bar, dispatcher.progress)
         if asked.is_set():
