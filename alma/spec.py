@@ -234,14 +234,13 @@ def check_run_signature(run: Callable[..., Any], where: str | Path) -> None:
         sig = inspect.signature(run)
     except (TypeError, ValueError):
         return  # builtins and C callables: trust them
-    positional = 0
-    for p in sig.parameters.values():
+    # Mirrors make_caller: only the first three positional slots are filled by position.
+    for idx, p in enumerate(sig.parameters.values()):
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         if p.name in RUN_PARAMETERS and p.kind is not p.POSITIONAL_ONLY:
             continue
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and positional < 3:
-            positional += 1
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and idx < 3:
             continue
         if p.default is p.empty:
             raise _fail(
