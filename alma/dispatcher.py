@@ -261,7 +261,7 @@ class Dispatcher:
                     "running": running,
                 }
             )
-        frame["pending"] = self.spec.iterations - frame[["done", "failed", "running"]].sum(1)
+        frame["pending"] = self.spec.iterations - frame[["done", "failed", "running"]].sum(axis=1)
         frame["iterations"] = self.spec.iterations
         return frame
 
