@@ -279,10 +279,13 @@ class Dispatcher:
                 if not failed_only:
                     self._checkpoints.clear()
                 self._refresh_counts(force=True)
-                if self._plan is not None:
+                if self._active and not self._stopping:
+                    # An exhausted plan (None) means idle workers have already left.
+                    exhausted.append(self._plan is None)
                     self._plan = self._build_plan()
             return n
 
+        exhausted: list[bool] = []
         with self._mutex:
             own_session = not self._active
             if own_session:
@@ -290,11 +293,28 @@ class Dispatcher:
             writer = self._writer
             assert writer is not None
         try:
-            return writer.call(forget)
+            n: int = writer.call(forget)
         finally:
             if own_session:
                 with self._mutex:
                     self._close_session()
+        if exhausted == [True]:
+            self._add_workers()
+        return n
+
+    def _add_workers(self) -> None:
+        """After reset() mid-session: start workers for re-queued runs, up to ``workers``."""
+        with self._mutex:
+            free = self.spec.workers - len(self._inflight)
+            if not self._active or self._stopping or self._plan is None or free <= 0:
+                return
+            name, options = self.spec.executor
+            executor = executor_class(name)(
+                self.spec.run, free, self.spec.retries, self.spec.timeout, options
+            )
+            self._executors.append(executor)
+            self._live_executors += 1
+        executor.start(self)
 
     def close(self) -> None:
         """Stop (waiting for in-flight runs) and release the state file."""

@@ -1,0 +1,528 @@
+"""The Dispatcher on worker threads: the run contract, stopping, order and failures.
+
+Runs here are coordinated with threading.Event rather than sleeps, so each test drives
+the dispatcher into exactly the situation it checks.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import wait_until
+
+import alma
+import alma.experiment
+
+
+def make_files(tmp_path: Path, n: int) -> list[str]:
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    out = []
+    for i in range(n):
+        f = data / f"f{i}.txt"
+        f.write_text(str(i))
+        out.append(str(f))
+    return out
+
+
+@pytest.fixture
+def experiment(tmp_path: Path, dispatchers: list[Any]) -> Callable[..., alma.Dispatcher]:
+    """alma.Experiment over ``n`` fresh files, cleaned up after the test."""
+
+    def make(run: Callable[..., Any], n: int = 2, **kw: Any) -> alma.Dispatcher:
+        d = alma.Experiment(run, make_files(tmp_path, n), state=tmp_path / "s.sqlite", **kw)
+        dispatchers.append(d)
+        return d
+
+    return make
+
+
+def run_to_end(d: alma.Dispatcher, timeout: float = 30) -> alma.Dispatcher:
+    d.start()
+    assert d.join(timeout=timeout) is True
+    return d
+
+
+# -- the run contract ---------------------------------------------------------------------
+
+SIGNATURES = {
+    "instance only": ("def run(instance):\n    return [instance]\n", lambda p, it: [p]),
+    "seed signature": (
+        "def run(instance, save_callback, state):\n"
+        "    return [instance, callable(save_callback), state]\n",
+        lambda p, it: [p, True, None],
+    ),
+    "with iteration": (
+        "def run(instance, save_callback, state, iteration):\n    return [instance, iteration]\n",
+        lambda p, it: [p, it],
+    ),
+    "iteration by name only": (
+        "def run(instance, iteration):\n    return [instance, iteration]\n",
+        lambda p, it: [p, it],
+    ),
+    "iteration keyword-only": (
+        "def run(instance, *, iteration):\n    return [instance, iteration]\n",
+        lambda p, it: [p, it],
+    ),
+    "other names, by position": (
+        "def run(path, save, st):\n    return [path, callable(save), st]\n",
+        lambda p, it: [p, True, None],
+    ),
+    "kwargs": (
+        "def run(**kw):\n"
+        "    return [kw['instance'], callable(kw['save_callback']), kw['state'],"
+        " kw['iteration']]\n",
+        lambda p, it: [p, True, None, it],
+    ),
+    "extra parameter with default": (
+        "def run(instance, save_callback, state, iteration, scale=2):\n"
+        "    return [instance, iteration * scale]\n",
+        lambda p, it: [p, it * 2],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SIGNATURES))
+def test_run_signatures(case: str, make_experiment, tmp_path: Path, dispatchers) -> None:
+    source, expected = SIGNATURES[case]
+    exp = make_experiment(source, instances=2, iterations=2)
+    d = alma.experiment.load(exp)
+    dispatchers.append(d)
+    results = run_to_end(d).results
+    assert (results["status"] == "done").all(), results["error"].tolist()
+    assert len(results) == 4
+    for _, row in results.iterrows():
+        path = str((tmp_path / row["instance"]).resolve())
+        assert row["result"] == expected(path, row["iteration"])
+
+
+def test_state_is_none_first_then_last_checkpoint(experiment) -> None:
+    """Interrupted passes through ``except Exception`` and the resumed run gets the
+    checkpoint saved just before the stop."""
+    seen: list[Any] = []
+    caught: list[BaseException] = []
+    entered = threading.Event()
+
+    def run(instance, save_callback, state):
+        seen.append(state)
+        if state is not None:
+            return {"resumed_from": state["step"]}
+        step = 0
+        try:
+            while True:
+                step += 1
+                save_callback({"step": step})
+                entered.set()
+                time.sleep(0.005)
+        except Exception as exc:  # user code that catches "everything"
+            caught.append(exc)
+            return {"resumed_from": -1}
+
+    d = experiment(run, n=1)
+    d.start()
+    assert entered.wait(10)
+    assert d.stop(timeout=5) is True
+    assert d.progress.done == 0 and d.progress.pending == 1
+    assert caught == []
+    last = seen[0]
+    assert last is None
+    run_to_end(d)
+    assert seen[0] is None and isinstance(seen[1], dict) and seen[1]["step"] >= 1
+    assert d.results["resumed_from"].tolist() == [seen[1]["step"]]
+
+
+def test_save_callback_rejects_non_json_with_type_error(experiment) -> None:
+    def run(instance, save_callback, state):
+        try:
+            save_callback({"obj": object()})
+        except TypeError as exc:
+            return str(exc)
+        return "no error"
+
+    d = run_to_end(experiment(run, n=1))
+    message = d.results["result"].iloc[0]
+    assert "object" in message and "JSON" in message
+
+
+def test_unstored_checkpoint_fails_the_run_when_not_caught(experiment) -> None:
+    def run(instance, save_callback, state):
+        save_callback(lambda: None)
+
+    d = run_to_end(experiment(run, n=1))
+    row = d.results.iloc[0]
+    assert row["status"] == "failed"
+    assert row["error"].startswith("TypeError") and "function" in row["error"]
+
+
+def test_dict_result_becomes_columns_and_scalar_a_result_column(experiment) -> None:
+    def run(instance, iteration):
+        return {"cut": iteration * 10, "name": Path(instance).name} if iteration else 7
+
+    d = run_to_end(experiment(run, n=2, iterations=2))
+    r = d.results.sort_values(["instance", "iteration"])
+    assert {"instance", "iteration", "status", "error", "duration"} <= set(r.columns)
+    assert r["cut"].tolist()[1::2] == [10, 10]
+    assert r["name"].tolist()[1::2] == ["f0.txt", "f1.txt"]
+    assert r["result"].tolist()[0::2] == [7, 7]
+    assert (r["duration"] >= 0).all()
+
+
+RETURNS: dict[str, tuple[Any, Any]] = {
+    "numpy float": (np.float64(1.5), 1.5),
+    "numpy float32": (np.float32(0.25), 0.25),
+    "numpy int": (np.int64(42), 42),
+    "numpy bool": (np.bool_(True), True),
+    "numpy array": (np.arange(3), [0, 1, 2]),
+    "numpy 2d array": (np.ones((2, 2), dtype=np.int32), [[1, 1], [1, 1]]),
+    "nested numpy": ([np.int8(1), {"x": np.float64(2.0)}], [1, {"x": 2.0}]),
+    "string": ("hello", "hello"),
+    "None": (None, None),
+}
+
+
+@pytest.mark.parametrize("case", list(RETURNS))
+def test_return_values_are_converted(case: str, experiment) -> None:
+    value, expected = RETURNS[case]
+    d = run_to_end(experiment(lambda instance: value, n=1))
+    row = d.results.iloc[0]
+    assert row["status"] == "done"
+    assert row["result"] == expected
+
+
+def test_numpy_values_in_a_dict_result(experiment) -> None:
+    d = run_to_end(experiment(lambda instance: {"a": np.float64(0.5), "b": np.arange(2)}, n=1))
+    row = d.results.iloc[0]
+    assert row["a"] == 0.5 and row["b"] == [0, 1]
+
+
+def test_unstorable_result_fails_the_run_with_a_clear_error(experiment) -> None:
+    class Model:
+        pass
+
+    d = run_to_end(experiment(lambda instance: Model(), n=1))
+    row = d.results.iloc[0]
+    assert row["status"] == "failed"
+    assert "Model" in row["error"] and "JSON" in row["error"]
+    assert d.progress.failed == 1 and d.progress.done == 0
+
+
+# -- stopping -------------------------------------------------------------------------------
+
+
+def test_run_completing_while_stopping_keeps_its_result(experiment) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def run(instance, iteration):
+        entered.set()
+        assert release.wait(10)
+        return iteration
+
+    d = experiment(run, n=1, iterations=3)
+    d.start()
+    assert entered.wait(10)
+    stopper = threading.Thread(target=d.stop)
+    stopper.start()
+    wait_until(lambda: d.status == "stopping")
+    release.set()
+    stopper.join(10)
+    assert not stopper.is_alive()
+    assert d.status == "paused"
+    assert d.results["result"].tolist() == [0]  # kept, and nothing new was handed out
+    p = d.progress
+    assert (p.done, p.pending, p.running) == (1, 2, 0)
+
+
+def test_stop_latency_with_checkpointing_runs(experiment) -> None:
+    started = threading.Semaphore(0)
+
+    def run(instance, save_callback, state):
+        started.release()
+        for step in range(10_000):  # ~100 s if never stopped
+            time.sleep(0.01)
+            save_callback({"step": step})
+
+    d = experiment(run, n=3, workers=3)
+    d.start()
+    for _ in range(3):
+        assert started.acquire(timeout=10)
+    t0 = time.monotonic()
+    assert d.stop() is True
+    assert time.monotonic() - t0 < 2.0
+    assert not d.running and d.progress.running == 0 and d.progress.done == 0
+
+
+def test_stuck_run_is_reported_not_handed_out_again_and_kept(experiment) -> None:
+    release = threading.Event()
+    calls: list[tuple[str, int]] = []
+
+    def run(instance, iteration):
+        calls.append((Path(instance).name, iteration))
+        if (Path(instance).name, iteration) == ("f0.txt", 0):
+            assert release.wait(20)  # neither checkpoints nor ends until released
+            return "released"
+        return "quick"
+
+    d = experiment(run, n=2, iterations=3, workers=1)
+    try:
+        d.start()
+        wait_until(lambda: calls)
+        with pytest.warns(UserWarning, match=r"f0\.txt"):
+            assert d.stop(timeout=0.5) is False
+        assert d.progress.running == 1
+        d.start()  # resumes the others while the stuck run goes on
+        wait_until(lambda: d.progress.done == 5)
+        assert calls.count(("f0.txt", 0)) == 1
+        assert d.progress.running == 1 and not d.finished
+    finally:
+        release.set()
+    assert d.join(timeout=10) is True
+    assert calls.count(("f0.txt", 0)) == 1
+    r = d.results.set_index(["iteration"]).sort_index()
+    assert len(d.results) == 6
+    stuck = d.results[(d.results["iteration"] == 0) & d.results["instance"].str.endswith("f0.txt")]
+    assert stuck["result"].tolist() == ["released"] and stuck["status"].tolist() == ["done"]
+    assert len(r) == 6
+
+
+def test_stop_of_an_idle_dispatcher_returns_true(experiment) -> None:
+    d = experiment(lambda instance: 1, n=1)
+    assert d.stop(timeout=0.1) is True
+    assert d.status == "idle"
+
+
+# -- order ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", [None, "round-robin", "instance"])
+def test_order(order: str | None, experiment) -> None:
+    calls: list[tuple[str, int]] = []
+
+    def run(instance, iteration):
+        calls.append((Path(instance).name, iteration))
+
+    kw = {} if order is None else {"order": order}
+    d = run_to_end(experiment(run, n=3, iterations=4, workers=1, **kw))
+    names = ["f0.txt", "f1.txt", "f2.txt"]
+    if order == "instance":
+        assert calls == [(n, it) for n in names for it in range(4)]
+    else:
+        assert calls == [(n, it) for it in range(4) for n in names]
+        first = d.results.sort_values("finished", kind="stable").head(3)
+        assert set(first["iteration"]) == {0}
+        assert len(set(first["instance"])) == 3
+
+
+def test_round_robin_resumes_with_the_lowest_iteration_owed(experiment) -> None:
+    """After a pause, round-robin continues where each instance is, not from scratch."""
+    calls: list[tuple[str, int]] = []
+    gate = threading.Event()
+
+    def run(instance, iteration):
+        calls.append((Path(instance).name, iteration))
+        if len(calls) == 4:
+            gate.set()
+            time.sleep(0.05)
+
+    d = experiment(run, n=3, iterations=3, workers=1)
+    d.start()
+    assert gate.wait(10)
+    assert d.stop(timeout=10)
+    assert d.progress.done == 4
+    calls.clear()
+    run_to_end(d)
+    assert calls == [("f1.txt", 1), ("f2.txt", 1), ("f0.txt", 2), ("f1.txt", 2), ("f2.txt", 2)]
+
+
+# -- failures -------------------------------------------------------------------------------
+
+
+def test_failure_recorded_with_type_message_traceback(make_experiment, dispatchers) -> None:
+    exp = make_experiment(
+        "def run(instance, iteration):\n"
+        "    if iteration == 1:\n"
+        "        raise ValueError(f'bad input {iteration}')\n"
+        "    return iteration\n",
+        instances=2,
+        iterations=3,
+    )
+    d = alma.experiment.load(exp)
+    dispatchers.append(d)
+    d.start()
+    assert d.join(timeout=30) is True  # every run finished, failed ones included
+    r = d.results
+    failed = r[r["status"] == "failed"]
+    assert len(failed) == 2 and set(failed["iteration"]) == {1}
+    assert set(failed["error"]) == {"ValueError: bad input 1"}
+    for tb in failed["traceback"]:
+        assert "Traceback" in tb and "raise ValueError" in tb and "example.py" in tb
+    assert (r[r["status"] == "done"]["error"].isna()).all()
+    p = d.progress
+    assert (p.done, p.failed, p.pending) == (4, 2, 0)
+    assert d.last_error is not None and d.last_error.error == "ValueError: bad input 1"
+    assert d.last_error.iteration == 1 and "raise ValueError" in d.last_error.traceback
+    assert d.state["failed"].tolist() == [1, 1]
+
+
+def _counting_module(side: Path, fail_times: int) -> str:
+    """A run that appends a line per attempt to ``side`` and fails its first attempts."""
+    return (
+        "def run(instance, iteration):\n"
+        f"    with open({str(side)!r}, 'a') as f:\n"
+        "        f.write(f'{iteration}\\n')\n"
+        f"    n = open({str(side)!r}).read().splitlines().count(str(iteration))\n"
+        f"    if n <= {fail_times}:\n"
+        "        raise RuntimeError(f'attempt {n} failed')\n"
+        "    return n\n"
+    )
+
+
+@pytest.mark.parametrize(("retries", "status", "attempts"), [(2, "done", 3), (1, "failed", 2)])
+def test_retries(
+    retries: int, status: str, attempts: int, make_experiment, tmp_path, dispatchers
+) -> None:
+    side = tmp_path / "attempts.log"
+    exp = make_experiment(_counting_module(side, 2), instances=1, iterations=2, retries=retries)
+    d = alma.experiment.load(exp)
+    dispatchers.append(d)
+    d.start()
+    assert d.join(timeout=30)
+    r = d.results
+    assert r["status"].tolist() == [status, status]
+    assert r["attempts"].tolist() == [attempts, attempts]
+    assert sorted(side.read_text().split()) == ["0"] * attempts + ["1"] * attempts
+    if status == "done":
+        assert r["result"].tolist() == [3, 3]
+    else:
+        assert r["error"].tolist() == ["RuntimeError: attempt 2 failed"] * 2
+
+
+def test_failed_runs_stay_failed_across_resume_until_retry_failed(
+    make_experiment, tmp_path, dispatchers
+) -> None:
+    side = tmp_path / "calls.log"
+    fixed = tmp_path / "fixed"
+    exp = make_experiment(
+        "import os\n"
+        "def run(instance, iteration):\n"
+        f"    with open({str(side)!r}, 'a') as f:\n"
+        "        f.write('x\\n')\n"
+        f"    if iteration == 0 and not os.path.exists({str(fixed)!r}):\n"
+        "        raise OSError('not fixed')\n"
+        "    return 1\n",
+        instances=2,
+        iterations=2,
+    )
+    d = alma.experiment.load(exp)
+    dispatchers.append(d)
+    run_to_end(d)
+    assert (d.progress.done, d.progress.failed) == (2, 2)
+    calls = side.read_text()
+
+    d = alma.experiment.load(exp)  # a later session
+    dispatchers.append(d)
+    assert (d.progress.done, d.progress.failed, d.progress.pending) == (2, 2, 0)
+    assert d.finished
+    d.start()
+    assert d.join(timeout=10)
+    assert side.read_text() == calls  # failed runs were not run again
+    assert d.progress.failed == 2
+
+    fixed.touch()
+    assert d.retry_failed() == 2
+    assert (d.progress.failed, d.progress.pending) == (0, 2)
+    run_to_end(d)
+    assert (d.progress.done, d.progress.failed) == (4, 0)
+    assert len(side.read_text().split()) == 6
+    assert (d.results["status"] == "done").all()
+
+
+def test_retry_failed_while_running(experiment, tmp_path: Path) -> None:
+    """Failed runs forgotten mid-session are run in that same session."""
+    release = threading.Event()
+    fixed = threading.Event()
+
+    def run(instance, iteration):
+        if Path(instance).name == "f1.txt":
+            assert release.wait(20)
+            return "slow"
+        if not fixed.is_set():
+            raise RuntimeError("broken")
+        return "ok"
+
+    d = experiment(run, n=2, iterations=1, workers=2)
+    try:
+        d.start()
+        wait_until(lambda: d.progress.failed == 1)
+        fixed.set()
+        assert d.retry_failed() == 1
+        assert d.progress.failed == 0
+    finally:
+        release.set()
+    assert d.join(timeout=10) is True
+    r = d.results.sort_values("instance")
+    assert r["result"].tolist() == ["ok", "slow"]
+    assert (r["status"] == "done").all()
+
+
+def test_a_run_calling_sys_exit_fails_only_that_run(experiment) -> None:
+    import sys
+
+    def run(instance, iteration):
+        if iteration == 0:
+            sys.exit(3)
+        return iteration
+
+    d = run_to_end(experiment(run, n=1, iterations=3))
+    assert d.results["status"].tolist() == ["failed", "done", "done"]
+    assert d.results["error"].iloc[0].startswith("SystemExit")
+
+
+# -- misc dispatcher behaviour -------------------------------------------------------------
+
+
+def test_context_manager_stops_and_releases(experiment, tmp_path: Path) -> None:
+    gate = threading.Event()
+
+    def run(instance, save_callback, state):
+        while True:
+            gate.set()
+            save_callback({})
+            time.sleep(0.005)
+
+    with experiment(run, n=1) as d:
+        d.start()
+        assert gate.wait(10)
+        assert d.running
+    assert not d.running
+    with pytest.warns(UserWarning, match="code changed"):  # another function, same state
+        again = alma.Experiment(lambda instance: 1, make_files(tmp_path, 1), state=d.state_path)
+    again.start()  # the lock was released by close()
+    assert again.join(10)
+    again.close()
+
+
+def test_progress_and_state_frames(experiment) -> None:
+    d = run_to_end(experiment(lambda instance, iteration: iteration, n=3, iterations=2))
+    p = d.progress
+    assert isinstance(p, alma.Progress)
+    assert (p.total, p.done, p.failed, p.running, p.pending, p.status) == (
+        6,
+        6,
+        0,
+        0,
+        0,
+        "finished",
+    )
+    with pytest.raises(AttributeError):
+        p.done = 3  # type: ignore[misc]  # frozen snapshot
+    s = d.state
+    assert list(s.columns[:6]) == ["instance", "done", "failed", "running", "pending", "iterations"]
+    assert s["done"].tolist() == [2, 2, 2] and s["pending"].tolist() == [0, 0, 0]
+    json.dumps(d.results.drop(columns=["finished"]).to_dict("records"))  # plain values
