@@ -306,6 +306,8 @@ def _check_executor(where: str | Path, value: Any) -> Any:
 
     try:
         return check_executor(value)
+    except ConfigError as exc:  # already says the fix (e.g. the package to install)
+        raise ConfigError(f"{where}, field 'executor': {exc}") from None
     except ValueError as exc:
         raise _fail(
             where,
