@@ -264,10 +264,11 @@ class Controller(widgets.VBox):
                 status = "stopping"  # the stop thread may not have reached the engine yet
             changed = status != self._last_status
             self._last_status = status
+            now = time.monotonic()
+            if force or changed or now - self._instances_at >= INSTANCES_INTERVAL:
+                self._instances_at = now
+                self._draw_instances(d)
             with self.hold_sync():
-                self.status_label.value = status
-                self.start_button.disabled = status not in ("idle", "paused")
-                self.stop_button.disabled = status != "running"
                 self._draw_bar(p, status)
                 self.counts.value = _counts_html(p)
                 self.message.value = (
@@ -276,10 +277,10 @@ class Controller(widgets.VBox):
                     else ""
                 )
                 self._draw_error(d)
-            now = time.monotonic()
-            if force or changed or now - self._instances_at >= INSTANCES_INTERVAL:
-                self._instances_at = now
-                self._draw_instances(d)
+                # Status and buttons last: once they say "finished", the rest says so too.
+                self.status_label.value = status
+                self.start_button.disabled = status not in ("idle", "paused")
+                self.stop_button.disabled = status != "running"
 
     def _draw_bar(self, p: Progress, status: str) -> None:
         if status in _ACTIVE:
@@ -307,10 +308,12 @@ class Controller(widgets.VBox):
         if err is None:
             self.error.layout.display = "none"
             return
-        where = f"{err.instance} #{err.iteration}: " if err.instance else ""
-        title = f"Last error: {where}{err.error}"
-        if len(title) > 120:
-            title = title[:117] + "…"
+        # The error first: a long instance path must not push it out of the title.
+        where = f" (in {err.instance.rsplit('/', 1)[-1]} #{err.iteration})" if err.instance else ""
+        title = f"Last error: {err.error}"
+        if len(title) > 140:
+            title = title[:139] + "…"
+        title += where
         self.error.titles = (title,)
         self.error_text.value = (
             "<pre style='white-space:pre-wrap;font-size:11px;margin:0'>"

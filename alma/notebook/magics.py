@@ -1,0 +1,156 @@
+"""The ``%alma`` line magic: drive one experiment from notebook cells.
+
+``%load_ext alma`` registers it. The magics keep a *current* dispatcher (the last one
+loaded) so that ``%alma stop`` or ``df = %alma results`` need no variable; everything
+they do goes through the Dispatcher's public API, like the controller.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import TYPE_CHECKING, Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_magic, magics_class
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..dispatcher import Dispatcher
+
+__all__ = ["AlmaMagics", "load_ipython_extension"]
+
+HELP = """\
+%alma: run an alma experiment from notebook cells.
+
+  %alma load PATH      load PATH (.experiment file) and show its controller
+  %alma start [PATH]   start or resume (PATH: load it first)
+  %alma stop           pause: no new runs, in-flight runs end and are saved
+  %alma status         one line: status, counts, rate, ETA
+  %alma results        DataFrame of finished runs   (df = %alma results)
+  %alma state          DataFrame per instance       (df = %alma state)
+  %alma retry          run the failed runs again
+
+The magics act on the experiment loaded last. In Python the same is
+d = alma.experiment.load(PATH); d.start(); d.stop(); d.results; d.state.
+"""
+
+# subcommand -> (smallest, largest) number of arguments
+_ARITY = {
+    "load": (1, 1),
+    "start": (0, 1),
+    "stop": (0, 0),
+    "status": (0, 0),
+    "results": (0, 0),
+    "state": (0, 0),
+    "retry": (0, 0),
+}
+
+
+def _usage(problem: str) -> UsageError:
+    return UsageError(f"{problem}\n\n{HELP}")
+
+
+@magics_class
+class AlmaMagics(Magics):
+    """``%alma`` and its subcommands; holds the current dispatcher."""
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell=shell, **kwargs)
+        #: The dispatcher the subcommands act on (set by ``load`` / ``start PATH``).
+        self.dispatcher: Dispatcher | None = None
+
+    @line_magic
+    def alma(self, line: str = "") -> Any:
+        """Run an alma experiment from notebook cells; ``%alma`` alone shows help."""
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise _usage(f"%alma: cannot parse {line!r}: {exc}") from None
+        if not words:
+            print(HELP)
+            return None
+        command, args = words[0], words[1:]
+        if command in ("help", "-h", "--help"):
+            print(HELP)
+            return None
+        if command not in _ARITY:
+            raise _usage(f"%alma: unknown command {command!r}.")
+        low, high = _ARITY[command]
+        if not low <= len(args) <= high:
+            want = f"{low}" if low == high else f"{low} to {high}"
+            raise _usage(f"%alma {command}: expected {want} argument(s), got {len(args)}: {args}")
+        return getattr(self, f"_{command}")(*args)
+
+    # -- subcommands -----------------------------------------------------------------
+
+    def _load(self, path: str) -> None:
+        self.dispatcher = _load(path)
+        _show(self.dispatcher)
+
+    def _start(self, path: str | None = None) -> None:
+        if path is not None:
+            self._load(path)
+        d = self._current("start")
+        d.start()
+        print(_summary(d))
+
+    def _stop(self) -> None:
+        d = self._current("stop")
+        d.stop()
+        print(_summary(d))
+
+    def _status(self) -> None:
+        print(_summary(self._current("status")))
+
+    def _results(self) -> pd.DataFrame:
+        return self._current("results").results
+
+    def _state(self) -> pd.DataFrame:
+        return self._current("state").state
+
+    def _retry(self) -> None:
+        d = self._current("retry")
+        n = d.retry_failed()
+        hint = "" if d.running or not n else " Start with %alma start."
+        print(f"{n} failed run(s) will run again.{hint}")
+
+    def _current(self, command: str) -> Dispatcher:
+        if self.dispatcher is None:
+            raise _usage(
+                f"%alma {command}: no experiment loaded yet. "
+                "Run %alma load PATH (or %alma start PATH) first."
+            )
+        return self.dispatcher
+
+
+def _load(path: str) -> Dispatcher:
+    import os
+
+    import alma.experiment
+
+    return alma.experiment.load(os.path.expanduser(path))
+
+
+def _show(dispatcher: Dispatcher) -> None:
+    from IPython.display import display
+
+    display(dispatcher)
+
+
+def _summary(d: Dispatcher) -> str:
+    p = d.progress
+    line = (
+        f"{d.spec.name}: {p.status} · {p.done}/{p.total} done, {p.failed} failed, "
+        f"{p.running} running, {p.pending} pending"
+    )
+    if p.status in ("running", "stopping") and p.rate:
+        line += f" · {p.rate:.1f} runs/s"
+        if p.eta is not None:
+            line += f", ETA {p.eta:.0f} s"
+    return line
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Register ``%alma`` (called by ``%load_ext alma``)."""
+    ipython.register_magics(AlmaMagics)

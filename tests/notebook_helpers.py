@@ -1,0 +1,80 @@
+"""Helpers for the notebook front-end tests (controller, magics, real kernels).
+
+Kept out of conftest.py on purpose (that file belongs to the engine tests); tests
+import what they need from here.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import alma
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+NOTEBOOKS = REPO / "notebooks"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll ``predicate`` until truthy; fail with a clear message after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+        time.sleep(interval)
+
+
+def make_dispatcher(
+    tmp_path: Path,
+    run: Callable[..., Any],
+    *,
+    instances: int = 3,
+    iterations: int = 2,
+    workers: int = 2,
+    name: str = "exp",
+) -> alma.Dispatcher:
+    """An in-code experiment over ``instances`` small files in ``tmp_path``."""
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    paths = []
+    for i in range(instances):
+        f = data / f"f{i:04d}.txt"
+        f.write_text(str(i))
+        paths.append(str(f))
+    return alma.Experiment(
+        run=run,
+        instances=paths,
+        iterations=iterations,
+        workers=workers,
+        state=tmp_path / f"{name}.sqlite",
+        name=name,
+    )
+
+
+def copy_examples(tmp_path: Path) -> Path:
+    """Copy the shipped examples (and notebooks) into ``tmp_path``; return the examples dir.
+
+    Notebooks refer to ``../examples/maxcut.experiment``, so the layout is kept.
+    """
+    shutil.copytree(EXAMPLES, tmp_path / "examples", ignore=shutil.ignore_patterns("*.sqlite*"))
+    if NOTEBOOKS.exists():
+        shutil.copytree(NOTEBOOKS, tmp_path / "notebooks")
+    return tmp_path / "examples"
+
+
+def controller_threads() -> list[threading.Thread]:
+    """Live controller timer threads (to prove none leak)."""
+    return [t for t in threading.enumerate() if t.name == "alma-controller" and t.is_alive()]
+
+
+def widget_states(nb: Any) -> dict[str, dict[str, Any]]:
+    """model_id -> {'model_name': ..., 'state': {...}} from an executed notebook."""
+    return nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]

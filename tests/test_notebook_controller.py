@@ -1,0 +1,293 @@
+"""The notebook controller without a kernel: buttons drive the dispatcher, the display
+follows its status, a broken widget never breaks a run, and no timer thread leaks."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from notebook_helpers import controller_threads, make_dispatcher, wait_for
+
+import alma.notebook
+from alma.notebook import controller as controller_mod
+from alma.notebook.controller import IDLE_GRACE, Controller, _instances_html
+
+# A run that checkpoints often: stop() interrupts it at its next save_callback.
+GATE = threading.Event()
+
+
+def quick_run(instance: str, save_callback: Any, state: Any, iteration: int) -> dict[str, Any]:
+    return {"value": iteration}
+
+
+def slow_run(instance: str, save_callback: Any, state: Any, iteration: int) -> dict[str, Any]:
+    for step in range(150):
+        time.sleep(0.01)
+        save_callback({"step": step})
+    return {"value": iteration}
+
+
+def gated_run(instance: str, save_callback: Any, state: Any, iteration: int) -> dict[str, Any]:
+    """Holds its worker until the test opens the gate (then checkpoints and ends)."""
+    GATE.wait(20)
+    save_callback({"gate": "passed"})
+    return {"value": iteration}
+
+
+def failing_run(instance: str, save_callback: Any, state: Any, iteration: int) -> dict[str, Any]:
+    if instance.endswith("f0001.txt"):
+        raise ValueError(f"bad input in {Path(instance).name}")
+    return {"value": iteration}
+
+
+@pytest.fixture
+def cleanup() -> Any:
+    made: list[Any] = []
+    yield made
+    GATE.set()
+    for obj in made:
+        if isinstance(obj, Controller):
+            obj.close()
+        else:
+            obj.stop(timeout=10)
+            obj.close()
+    GATE.clear()
+
+
+def test_initial_display_is_idle_with_start_enabled(tmp_path: Path, cleanup: list[Any]) -> None:
+    d = make_dispatcher(tmp_path, quick_run)
+    c = Controller(d)
+    cleanup += [c, d]
+    assert c.start_button.description == "Start"
+    assert c.stop_button.description == "Stop"
+    assert c.status_label.value == "idle"
+    assert not c.start_button.disabled
+    assert c.stop_button.disabled
+    for widget, cls in [
+        (c.start_button, "alma-start"),
+        (c.stop_button, "alma-stop"),
+        (c.status_label, "alma-status"),
+        (c.counts, "alma-counts"),
+        (c.instances, "alma-instances"),
+        (c, "alma-controller"),
+    ]:
+        assert cls in widget._dom_classes
+    pbar = c.bar.container.children[1]
+    assert (pbar.value, pbar.max) == (0, 6)
+    assert "pending <b>6</b>" in c.counts.value
+
+
+def test_start_button_runs_to_finished(tmp_path: Path, cleanup: list[Any]) -> None:
+    d = make_dispatcher(tmp_path, quick_run, instances=4, iterations=5)
+    c = Controller(d)
+    cleanup += [c, d]
+    c.start_button.click()
+    assert d.join(timeout=20)
+    wait_for(lambda: c.status_label.value == "finished", timeout=5)
+    pbar = c.bar.container.children[1]
+    assert (pbar.value, pbar.max) == (20, 20)
+    assert pbar.bar_style == "success"
+    assert c.start_button.disabled and c.stop_button.disabled
+    assert "done <b>20</b>" in c.counts.value
+    assert c.instances.value.count("alma-cell-complete") == 4
+
+
+def test_stop_button_does_not_block_and_shows_stopping(tmp_path: Path, cleanup: list[Any]) -> None:
+    d = make_dispatcher(tmp_path, gated_run, instances=2, iterations=2, workers=2)
+    c = Controller(d)
+    cleanup += [c, d]
+    c.start_button.click()
+    wait_for(lambda: d.progress.running == 2)
+    c.refresh()
+    assert c.status_label.value == "running"
+    assert c.start_button.disabled and not c.stop_button.disabled
+
+    t0 = time.monotonic()
+    c.stop_button.click()  # the runs are held at the gate: stop() itself cannot return
+    assert time.monotonic() - t0 < 1.0
+    assert c.status_label.value == "stopping"
+    assert c.start_button.disabled and c.stop_button.disabled
+    assert d.running  # still winding down, and the kernel thread is free
+
+    GATE.set()  # runs reach save_callback, are interrupted and saved
+    wait_for(lambda: c.status_label.value == "paused", timeout=10)
+    assert not d.running
+    assert not c.start_button.disabled and c.stop_button.disabled
+    assert d.progress.done + d.progress.pending == 4
+
+
+def test_stop_then_start_resumes(tmp_path: Path, cleanup: list[Any]) -> None:
+    d = make_dispatcher(tmp_path, slow_run, instances=2, iterations=1, workers=2)
+    c = Controller(d)
+    cleanup += [c, d]
+    c.start_button.click()
+    wait_for(lambda: d.progress.running == 2)
+    c.stop_button.click()
+    wait_for(lambda: c.status_label.value == "paused", timeout=10)
+    assert d.progress.done == 0
+    c.start_button.click()
+    assert d.running
+    assert d.join(timeout=30)
+    wait_for(lambda: c.status_label.value == "finished", timeout=5)
+
+
+def test_start_error_is_shown_not_raised(
+    tmp_path: Path, cleanup: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = make_dispatcher(tmp_path, quick_run)
+    c = Controller(d)
+    cleanup += [c, d]
+
+    def refuse() -> None:
+        raise alma.LockedError("exp is running in another process (pid 1)")
+
+    monkeypatch.setattr(d, "start", refuse)
+    c.start_button.click()  # must not raise into the kernel's comm handler
+    assert "Could not start" in c.message.value
+    assert "another process" in c.message.value
+
+
+def test_last_error_behind_a_toggle(tmp_path: Path, cleanup: list[Any]) -> None:
+    d = make_dispatcher(tmp_path, failing_run, instances=3, iterations=2)
+    c = Controller(d)
+    cleanup += [c, d]
+    assert c.error.layout.display == "none"
+    c.start_button.click()
+    d.join(timeout=20)
+    wait_for(lambda: c.status_label.value == "finished", timeout=5)
+    assert c.error.layout.display != "none"
+    assert c.error.selected_index is None  # folded until the user opens it
+    assert "bad input in f0001.txt" in c.error.titles[0]
+    assert "Traceback" in c.error_text.value and "ValueError" in c.error_text.value
+    assert "failed <b>2</b>" in c.counts.value
+    assert c.bar.container.children[1].bar_style == "danger"
+    assert c.instances.value.count("alma-cell-failing") == 1
+
+
+def test_ui_error_never_reaches_the_engine(
+    tmp_path: Path, cleanup: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    d = make_dispatcher(tmp_path, slow_run, instances=2, iterations=2, workers=2)
+    c = Controller(d)
+    cleanup += [c, d]
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("widget exploded")
+
+    c._draw_bar = broken  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="alma.notebook.controller"):
+        c.start_button.click()
+        wait_for(lambda: c.ui_errors >= 3, timeout=10)  # the timer keeps ticking
+        assert d.join(timeout=30)
+    assert d.progress.done == 4
+    assert len(d.results) == 4
+    logged = [r for r in caplog.records if "redrawing failed" in r.getMessage()]
+    assert len(logged) == 1  # logged once, not once per tick
+
+
+def test_timer_thread_ends_when_quiet_and_restarts_on_start(
+    tmp_path: Path, cleanup: list[Any]
+) -> None:
+    d = make_dispatcher(tmp_path, slow_run, instances=1, iterations=2, workers=1)
+    c = Controller(d)
+    cleanup += [c, d]
+    assert c._timer is None  # idle: nothing to poll
+    c.start_button.click()
+    assert c._timer is not None and c._timer.is_alive()
+    wait_for(lambda: d.progress.running == 1)
+    c.stop_button.click()
+    wait_for(lambda: not d.running, timeout=10)
+    timer = c._timer
+    assert timer is not None
+    timer.join(timeout=IDLE_GRACE + 5)
+    assert not timer.is_alive()
+    assert c.status_label.value == "paused"
+    c.start_button.click()
+    assert c._timer is not None and c._timer.is_alive() and c._timer is not timer
+
+
+def test_close_ends_the_timer(tmp_path: Path, cleanup: list[Any]) -> None:
+    d = make_dispatcher(tmp_path, slow_run, instances=1, iterations=1, workers=1)
+    cleanup.append(d)
+    before = len(controller_threads())
+    c = Controller(d)
+    c.start_button.click()
+    assert len(controller_threads()) == before + 1
+    c.close()
+    assert len(controller_threads()) == before
+    assert d.running  # closing the view leaves the experiment alone
+
+
+def test_one_controller_per_dispatcher(tmp_path: Path, cleanup: list[Any]) -> None:
+    d = make_dispatcher(tmp_path, quick_run)
+    c1 = alma.notebook.controller_for(d)
+    c2 = alma.notebook.controller_for(d)
+    cleanup += [c1, d]
+    assert c1 is c2
+
+
+def test_a_newer_load_retires_the_old_controller(tmp_path: Path, cleanup: list[Any]) -> None:
+    d1 = make_dispatcher(tmp_path, quick_run)
+    c1 = alma.notebook.controller_for(d1)
+    d2 = make_dispatcher(tmp_path, quick_run)  # same state file: a re-run load cell
+    c2 = alma.notebook.controller_for(d2)
+    cleanup += [c1, c2, d1, d2]
+    assert c2 is not c1
+    assert c1.closed and c1.dispatcher is None
+    assert c1.status_label.value == "replaced"
+    assert c1.start_button.disabled
+    c1.start_button.click()  # harmless
+    assert not d1.running and not d2.running
+
+
+def test_outside_a_kernel_a_dispatcher_shows_its_repr(tmp_path: Path, cleanup: list[Any]) -> None:
+    d = make_dispatcher(tmp_path, quick_run)
+    cleanup.append(d)
+    assert d._repr_mimebundle_() == {"text/plain": repr(d)}
+
+
+def test_instance_strip_reads_at_a_glance_for_many_files() -> None:
+    n = 150
+    names = [f"g{i}.txt" for i in range(n)]
+    done = [30 if i < 50 else 10 if i < 100 else 0 for i in range(n)]
+    failed = [1 if i == 7 else 0 for i in range(n)]
+    running = [1 if 100 <= i < 103 else 0 for i in range(n)]
+    page = _instances_html(names, done, failed, running, [30] * n)
+    assert page.count("class='alma-cell ") == n
+    assert page.count("alma-cell-complete") == 49
+    assert page.count("alma-cell-failing") == 1
+    assert page.count("alma-cell-partial") == 50
+    assert page.count("alma-cell-running") == 3
+    assert page.count("alma-cell-untouched") == 47
+    assert "title='g7.txt: 30/30 done, 1 failed'" in page
+    assert "untouched 47" in page  # the legend counts each kind
+
+
+def test_instance_strip_groups_huge_batches() -> None:
+    n = controller_mod.MAX_CELLS * 4 + 1
+    page = _instances_html(
+        [str(i) for i in range(n)], [0] * n, [0] * (n - 1) + [1], [0] * n, [1] * n
+    )
+    assert page.count("class='alma-cell ") <= controller_mod.MAX_CELLS
+    assert "one cell = 5 instances" in page
+    assert page.count("alma-cell-failing") == 1  # a failure stays visible when grouped
+
+
+@pytest.mark.timeout(60)
+def test_engine_import_does_not_load_the_widget_stack() -> None:
+    code = (
+        "import sys, alma, alma.experiment, alma.dispatcher\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('ipywidgets', 'IPython', 'ipykernel', 'alma.notebook') or m == 'alma.notebook')\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout
