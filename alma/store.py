@@ -337,8 +337,12 @@ class _Reading:
             raise
         return s._reader
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.store._read_lock.release()
+        # A damaged page deep in the file surfaces only when read: report it as the
+        # StateError it is (OperationalError, e.g. "database is locked", is not damage).
+        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+            raise self.store._refuse(f"unreadable or corrupt ({exc})") from None
 
 
 def _expand_results(frame: pd.DataFrame, values: list[Any]) -> pd.DataFrame:
