@@ -76,15 +76,26 @@ class Store:
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
+        self._ready = False  # the file was seen holding alma's schema
 
     # -- validation -------------------------------------------------------------------
 
     def exists(self) -> bool:
         """True when the state file exists and holds something (an empty file is new)."""
         try:
-            return self.path.stat().st_size > 0
+            if self.path.stat().st_size == 0:
+                return False
         except FileNotFoundError:
             return False
+        if not self._ready:
+            # A writer in another process may be creating the schema right now: an SQLite
+            # file with no table yet is as new as an empty one, not another program's.
+            with self._reading() as db:
+                if db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID:
+                    self._ready = True
+                elif db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+                    return False
+        return True
 
     def _refuse(self, problem: str) -> StateError:
         return StateError(

@@ -1,0 +1,102 @@
+"""The per-experiment OS lock, against real second processes.
+
+The lock must stop a second process from running the same experiment, say who holds
+it, vanish with a killed holder, and never stop anyone from reading.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+from conftest import alma_cli, alma_popen, wait_until
+
+import alma
+import alma.experiment
+from alma.dispatcher import Dispatcher
+
+#: Runs that wait (checkpointing) until a release file appears: a holder that stays busy.
+WAITING_RUN = """
+import os, time
+
+def run(instance, save_callback, state, iteration):
+    release = os.path.join(os.path.dirname(__file__), "release")
+    deadline = time.monotonic() + 60
+    while iteration > 0 and not os.path.exists(release) and time.monotonic() < deadline:
+        save_callback({"t": time.monotonic()})
+        time.sleep(0.01)
+    return iteration
+"""
+
+
+def _waiting_experiment(make_experiment) -> Path:
+    return make_experiment(WAITING_RUN, iterations=2)
+
+
+def test_second_process_gets_locked_error_naming_pid_and_host(make_experiment, dispatchers) -> None:
+    exp = _waiting_experiment(make_experiment)
+    d = alma.experiment.load(exp)
+    dispatchers.append(d)
+    d.start()
+    try:
+        wait_until(lambda: d.progress.done >= 3)
+        out = alma_cli("run", exp)
+        assert out.returncode == 4, out.stderr
+        assert f"pid {os.getpid()}" in out.stderr
+        assert socket.gethostname() in out.stderr
+        assert "already running" in out.stderr
+        # Reading stays allowed meanwhile, from another process too.
+        status = alma_cli("status", exp)
+        assert status.returncode == 0, status.stderr
+        assert "data/file0.txt" in status.stdout
+        assert d.running
+    finally:
+        (exp.parent / "release").touch()
+    assert d.join(timeout=30)
+
+
+def test_second_dispatcher_in_this_process_is_locked_out(make_experiment, dispatchers) -> None:
+    exp = _waiting_experiment(make_experiment)
+    d = alma.experiment.load(exp)
+    dispatchers.append(d)
+    d.start()
+    try:
+        other = Dispatcher(d.spec)  # bypasses load()'s reuse of the live dispatcher
+        with pytest.raises(alma.LockedError, match=f"pid {os.getpid()}"):
+            other.start()
+        assert not other.running
+        with pytest.warns(UserWarning, match="already running"):
+            assert alma.experiment.load(exp) is d  # a re-run cell gets the live one
+    finally:
+        (exp.parent / "release").touch()
+    assert d.join(timeout=30)
+    other.start()  # free again once the first session ended
+    assert other.join(timeout=30)
+    other.close()
+
+
+def test_lock_released_when_holder_is_killed_and_reading_allowed(make_experiment) -> None:
+    exp = _waiting_experiment(make_experiment)
+    proc = alma_popen("run", "-q", exp)
+    try:
+        # Reading while another process holds the lock: load, progress, results, state.
+        wait_until(lambda: alma.experiment.load(exp).progress.done >= 3, timeout=30)
+        reader = alma.experiment.load(exp)
+        assert len(reader.results) >= 3
+        assert reader.state["done"].sum() >= 3
+        with pytest.raises(alma.LockedError):
+            reader.start()
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+    (exp.parent / "release").touch()
+    d = alma.experiment.load(exp)
+    d.start()  # no stale lock: works right after the kill
+    assert d.join(timeout=30)
+    assert d.progress.done == 6
+    d.close()
