@@ -130,6 +130,7 @@ class Controller(widgets.VBox):
             total=dispatcher.spec.total, display=False, unit="run", leave=True, disable=False
         )
         self.bar.container.add_class("alma-progress")
+        self.bar.container.children[1].add_class("alma-progress-bar")
         self.bar.container.layout.width = "100%"
         self.counts = widgets.HTML()
         self.counts.add_class("alma-counts")
@@ -185,6 +186,13 @@ class Controller(widgets.VBox):
         """Redraw now from the caller's thread; never raises (a UI error is logged)."""
         self._safe_redraw(force=True)
 
+    def resync(self) -> None:
+        """Redraw now and resend the whole state from the calling cell (what ``%alma
+        status`` does), so that even front-ends which keep only the messages of the cell
+        they run see the current picture."""
+        self.refresh()
+        self._send_full_state()
+
     def close(self) -> None:
         """Stop the timer and close the widgets (the dispatcher is left as it is)."""
         self._shutdown()
@@ -195,13 +203,38 @@ class Controller(widgets.VBox):
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any] | None:
         # Displayed (again): updates now belong to this cell's output area.
         self._context = contextvars.copy_context()
-        self.refresh()
+        self.resync()
         if self._dispatcher is not None and self._dispatcher.running:
             self._ensure_timer()
         bundle = super()._repr_mimebundle_(**kwargs)
         if bundle is not None and self._dispatcher is not None:
             bundle["text/plain"] = repr(self._dispatcher)
         return bundle
+
+    def _send_full_state(self) -> None:
+        """Resend every part's state from this cell: front-ends that only keep messages
+        of the cell they run (nbclient, for the notebook's saved widget state) then see
+        the whole current picture, not just what changed since the last display."""
+        ltext, pbar, rtext = self.bar.container.children
+        parts = [
+            self.start_button,
+            self.stop_button,
+            self.status_label,
+            self.counts,
+            self.message,
+            self.error,
+            self.error.layout,
+            self.error_text,
+            self.instances,
+            ltext,
+            pbar,
+            rtext,
+        ]
+        try:
+            for w in parts:
+                w.send_state()
+        except Exception:  # a closed widget: the display shows what it has
+            log.debug("alma controller: resending state failed", exc_info=True)
 
     # -- buttons -------------------------------------------------------------------
 

@@ -93,15 +93,19 @@ class AlmaMagics(Magics):
             self._load(path)
         d = self._current("start")
         d.start()
+        _resync(d)
         print(_summary(d))
 
     def _stop(self) -> None:
         d = self._current("stop")
         d.stop()
+        _resync(d)
         print(_summary(d))
 
     def _status(self) -> None:
-        print(_summary(self._current("status")))
+        d = self._current("status")
+        _resync(d)
+        print(_summary(d))
 
     def _results(self) -> pd.DataFrame:
         return self._current("results").results
@@ -136,6 +140,17 @@ def _show(dispatcher: Dispatcher) -> None:
     from IPython.display import display
 
     display(dispatcher)
+
+
+def _resync(d: Dispatcher) -> None:
+    """Bring the controller shown for ``d`` (if any) up to date from this cell."""
+    from . import _controllers
+
+    controller = _controllers.get(d)
+    if controller is not None and not controller.closed:
+        controller.resync()
+        if d.running:
+            controller._ensure_timer()
 
 
 def _summary(d: Dispatcher) -> str:
