@@ -26,9 +26,8 @@ import pytest
 import alma
 import alma.experiment
 
+from . import conftest as harness
 from .conftest import REPO, JupyterServer
-
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 
 #: Where the notebook and the example come from (copied to the server's temp root).
 SOURCE = REPO
@@ -184,9 +183,36 @@ def saved_progress(root: Path) -> alma.Progress:
         return d.progress
 
 
+# -- the skip rule -------------------------------------------------------------------
+
+
+def test_without_chromium_skips_only_when_alma_e2e_is_unset(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(harness, "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.delenv("ALMA_E2E", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        harness._require_e2e()
+    for value in ("1", "0", ""):  # set at all means "these tests must run"
+        monkeypatch.setenv("ALMA_E2E", value)
+        with pytest.raises(pytest.fail.Exception, match="apt-get install -y chromium"):
+            harness._require_e2e()
+
+
+def test_with_chromium_never_skips(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    browser = tmp_path / "chromium"
+    browser.write_text("")
+    monkeypatch.setattr(harness, "CHROMIUM", browser)
+    monkeypatch.delenv("ALMA_E2E", raising=False)
+    harness._require_e2e()  # neither skips nor fails: the fixtures go on and start it
+
+
 # -- the test ------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_quickstart_start_stop_kill_resume_finish(
     page: Any, jupyter_server: JupyterServer, artifacts: Path
 ) -> None:
