@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
+from notebook_helpers import wait_for
 
 from alma.notebook.magics import HELP, AlmaMagics
 
@@ -110,12 +111,14 @@ def test_load_start_stop_status_results_state(
     assert isinstance(results, pd.DataFrame) and isinstance(state, pd.DataFrame)
     assert list(state["instance"]) == ["data/a.txt", "data/b.txt", "data/slow.txt"]
 
+    wait_for(lambda: d.progress.done >= 2)  # the quick runs of a.txt and b.txt
     shell.run_line_magic("alma", "stop")  # returns once in-flight runs are saved
     assert not d.running
     out = capsys.readouterr().out
     assert "m: paused" in out
     results = shell.run_line_magic("alma", "results")
     assert set(results["instance"]) <= {"data/a.txt", "data/b.txt"}
+    assert len(results) >= 2
     assert (results["score"] == results["iteration"] * 2).all()
 
 
