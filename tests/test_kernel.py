@@ -1,0 +1,333 @@
+"""alma in real Jupyter kernels: the example notebooks run headless (nbclient), a kernel
+killed with SIGKILL mid-run loses nothing and duplicates nothing, and the controller's
+timer updates really reach the front-end, tagged with the cell that displayed it."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.manager import KernelManager, start_new_kernel
+from nbclient import NotebookClient
+from notebook_helpers import copy_examples, wait_for, widget_states
+
+import alma.experiment
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def execute_notebook(path: Path, timeout: int = 180) -> Any:
+    """Run a notebook headless in its own folder; return it with outputs and widgets."""
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    client.execute()
+    return nb
+
+
+def outputs_text(cell: Any) -> str:
+    """Everything a cell printed or returned, as plain text."""
+    parts = []
+    for out in cell.outputs:
+        assert out.output_type != "error", f"{cell.source!r} raised {out.ename}: {out.evalue}"
+        if out.output_type == "stream":
+            parts.append(out.text)
+        else:
+            parts.append(out.get("data", {}).get("text/plain", ""))
+    return "\n".join(parts)
+
+
+def cell_with(nb: Any, source_start: str) -> Any:
+    matches = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith(source_start)]
+    assert len(matches) == 1, f"expected one cell starting with {source_start!r}"
+    return matches[0]
+
+
+def models(nb: Any, model_name: str, dom_class: str | None = None) -> list[dict[str, Any]]:
+    """States of the saved widgets of one kind (optionally carrying a CSS class)."""
+    return [
+        m["state"]
+        for m in widget_states(nb).values()
+        if m["model_name"] == model_name
+        and (dom_class is None or dom_class in m["state"].get("_dom_classes", []))
+    ]
+
+
+class Kernel:
+    """A real ipykernel driven through jupyter_client, recording every iopub message."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.cwd = cwd
+        self.km: KernelManager
+        self.kc: BlockingKernelClient
+        self.km, self.kc = start_new_kernel(kernel_name="python3", cwd=str(cwd))
+        self.iopub: list[dict[str, Any]] = []
+
+    def run(self, code: str, timeout: float = 60) -> str:
+        """Execute ``code``; return its msg_id. Fails on an error; collects all iopub."""
+        msg_id = self.kc.execute(textwrap.dedent(code))
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"cell did not finish within {timeout} s: {code!r}"
+            try:
+                msg = self.kc.get_iopub_msg(timeout=left)
+            except queue.Empty:
+                continue
+            self.iopub.append(msg)
+            parent = msg["parent_header"].get("msg_id")
+            if parent == msg_id and msg["msg_type"] == "error":
+                raise AssertionError("\n".join(msg["content"]["traceback"]))
+            if (
+                parent == msg_id
+                and msg["msg_type"] == "status"
+                and msg["content"]["execution_state"] == "idle"
+            ):
+                return msg_id
+
+    def stdout(self, msg_id: str) -> str:
+        return "".join(
+            m["content"]["text"]
+            for m in self.iopub
+            if m["msg_type"] == "stream" and m["parent_header"].get("msg_id") == msg_id
+        )
+
+    def eval(self, expr: str, timeout: float = 60) -> Any:
+        """Value of a JSON-able expression evaluated in the kernel."""
+        msg_id = self.run(f"import json as _j\nprint(_j.dumps({expr}))", timeout)
+        return json.loads(self.stdout(msg_id).strip().splitlines()[-1])
+
+    def kill(self) -> None:
+        """SIGKILL, as the OS OOM killer or a crash would: no cleanup runs at all."""
+        os.kill(self.km.provisioner.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        wait_for(lambda: not self.km.is_alive(), timeout=10)
+
+    def restart(self) -> None:
+        self.km.restart_kernel(now=True)
+        self.kc.wait_for_ready(timeout=60)
+        self.iopub.clear()
+
+    def shutdown(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=True)
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> Iterator[Kernel]:
+    k = Kernel(tmp_path)
+    try:
+        yield k
+    finally:
+        k.shutdown()
+
+
+RUN_MODULE = """\
+import os
+import time
+
+LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calls.log")
+
+
+def run(instance, save_callback, state, iteration):
+    # One line per call, written before the work: a duplicated run shows up twice.
+    with open(LOG, "a") as f:
+        f.write(f"{os.path.basename(instance)} {iteration}\\n")
+    time.sleep(%(sleep)s)
+    return {"value": iteration}
+"""
+
+
+def write_experiment(root: Path, instances: int, iterations: int, sleep: float) -> Path:
+    (root / "data").mkdir()
+    for i in range(instances):
+        (root / "data" / f"i{i:02d}.txt").write_text(str(i))
+    (root / "slow.py").write_text(RUN_MODULE % {"sleep": sleep})
+    (root / "slow.batch").write_text(json.dumps({"instances": ["data/*.txt"]}))
+    exp = root / "slow.experiment"
+    exp.write_text(
+        json.dumps(
+            {"load": "slow.py", "batch": "slow.batch", "iterations": iterations, "workers": 2}
+        )
+    )
+    return exp
+
+
+def persisted(exp: Path) -> tuple[int, set[tuple[str, int]]]:
+    """What the state file holds, read from this (test) process with alma itself."""
+    d = alma.experiment.load(exp)
+    try:
+        res = d.results
+        done = res[res["status"] == "done"]
+        pairs = zip(done["instance"], done["iteration"], strict=True)
+        keys = {(Path(i).name, int(it)) for i, it in pairs}
+        return d.progress.done, keys
+    finally:
+        d.close()
+
+
+# -- notebooks -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_quickstart_notebook_runs_headless(tmp_path: Path) -> None:
+    copy_examples(tmp_path)
+    nb = execute_notebook(tmp_path / "notebooks" / "quickstart.ipynb")
+
+    shown = outputs_text(cell_with(nb, "import alma.experiment"))
+    assert "<alma.Dispatcher 'maxcut' idle: 0/360 done" in shown
+    paused = outputs_text(cell_with(nb, "d.stop()"))
+    assert "'maxcut' paused:" in paused
+    summary = outputs_text(cell_with(nb, "done = results["))
+    assert "mean" in summary and "graphs/g00_n40.txt" in summary
+    bars = cell_with(nb, "summary.style.bar")
+    assert any("text/html" in o.get("data", {}) for o in bars.outputs)
+    assert "'maxcut' finished: 360/360 done" in outputs_text(cell_with(nb, "d.start()\nd.join()"))
+    assert outputs_text(cell_with(nb, "p = d.progress")).strip() == (
+        "360 done, 0 failed out of 360"
+    )
+    # the state went next to the (copied) experiment, not into the repository
+    assert list((tmp_path / "examples").glob("maxcut*.sqlite"))
+
+    # saved widget state: one controller, its last picture is the finished experiment
+    (start,) = models(nb, "ButtonModel", "alma-start")
+    (stop,) = models(nb, "ButtonModel", "alma-stop")
+    assert (start["description"], stop["description"]) == ("Start", "Stop")
+    assert start["disabled"] and stop["disabled"]
+    (status,) = models(nb, "LabelModel", "alma-status")
+    assert status["value"] == "finished"
+    (bar,) = models(nb, "FloatProgressModel", "alma-progress-bar")
+    assert (bar["value"], bar["max"]) == (360, 360)
+    (counts,) = models(nb, "HTMLModel", "alma-counts")
+    assert "done <b>360</b>" in counts["value"]
+    (cells,) = models(nb, "HTMLModel", "alma-instances")
+    assert cells["value"].count("alma-cell-complete") == 12
+
+
+@pytest.mark.timeout(180)
+def test_magics_notebook_runs_headless(tmp_path: Path) -> None:
+    copy_examples(tmp_path)
+    nb = execute_notebook(tmp_path / "notebooks" / "magics.ipynb")
+
+    (bare,) = [c for c in nb.cells if c.cell_type == "code" and c.source == "%alma"]
+    assert "%alma load PATH" in outputs_text(bare)
+    assert "maxcut: running" in outputs_text(cell_with(nb, "%alma start"))
+    stopped = outputs_text(cell_with(nb, "%alma stop"))
+    assert stopped.startswith("maxcut: paused · ")
+    done = int(stopped.split("· ")[1].split("/")[0])
+    assert 0 < done < 360
+    table = outputs_text(cell_with(nb, "df = %alma results"))
+    assert "graphs/g00_n40.txt" in table and "mean" in table
+    assert "0 failed run(s) will run again." in outputs_text(cell_with(nb, "%alma retry"))
+
+    (status,) = models(nb, "LabelModel", "alma-status")
+    assert status["value"] == "paused"
+    (bar,) = models(nb, "FloatProgressModel", "alma-progress-bar")
+    assert (bar["value"], bar["max"]) == (done, 360)
+    (start,) = models(nb, "ButtonModel", "alma-start")
+    assert not start["disabled"]
+
+
+# -- SIGKILL mid-run -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_sigkill_mid_run_loses_nothing_and_duplicates_nothing(
+    tmp_path: Path, kernel: Kernel
+) -> None:
+    exp = write_experiment(tmp_path, instances=4, iterations=12, sleep=0.05)
+    total = 48
+    kernel.run(f"import alma.experiment\nd = alma.experiment.load({str(exp)!r})\nd")
+    kernel.run("d.start()")
+    # wait from this process, reading the state file as any observer could
+    wait_for(lambda: persisted(exp)[0] >= 10, timeout=30)
+    reported_done = kernel.eval(
+        "sorted([__import__('os').path.basename(i), int(t)] for i, t, s in "
+        "zip(d.results['instance'], d.results['iteration'], d.results['status']) "
+        "if s == 'done')"
+    )
+    assert kernel.eval("d.status") == "running"
+    kernel.kill()
+
+    log = tmp_path / "calls.log"
+    calls_before = len(log.read_text().splitlines())
+    done_count, done_keys = persisted(exp)
+    assert {tuple(k) for k in reported_done} <= done_keys  # nothing reported done is lost
+    assert done_count == len(done_keys) < total  # killed mid-run
+
+    kernel.restart()
+    kernel.run(f"import alma.experiment\nd = alma.experiment.load({str(exp)!r})\nd")
+    progress = kernel.eval("[d.progress.done, d.progress.failed, d.progress.status]")
+    assert progress == [done_count, 0, "paused"]  # exactly what was persisted
+
+    kernel.run("d.start()\nassert d.join(120)", timeout=150)
+    assert kernel.eval("[d.progress.done, d.status]") == [total, "finished"]
+    assert kernel.eval("len(d.results)") == total
+
+    calls = [tuple(line.split()) for line in log.read_text().splitlines()]
+    after = [(name, int(it)) for name, it in calls[calls_before:]]
+    assert not set(after) & done_keys  # no run reported done before the kill ran again
+    assert len(after) == len(set(after))  # and nothing ran twice after the restart
+    assert set(after) | done_keys == {(f"i{i:02d}.txt", it) for i in range(4) for it in range(12)}
+
+
+# -- the ipykernel 7 trap: timer updates from a background thread --------------------
+
+
+@pytest.mark.timeout(120)
+def test_timer_updates_reach_iopub_as_the_displaying_cell(tmp_path: Path, kernel: Kernel) -> None:
+    exp = write_experiment(tmp_path, instances=4, iterations=10, sleep=0.05)
+    shown = kernel.run(f"import alma.experiment\nd = alma.experiment.load({str(exp)!r})\nd")
+    ids = kernel.eval(
+        "[__import__('alma.notebook').notebook.controller_for(d).bar.container.children[1]"
+        ".model_id, __import__('alma.notebook').notebook.controller_for(d).status_label.model_id]"
+    )
+    bar_id, status_id = ids
+    started = kernel.run("d.start()")
+    # The kernel's main thread is busy in this cell: only the timer thread can send.
+    busy = kernel.run("import time\ntime.sleep(1.0)")
+    kernel.run("assert d.join(60)")
+
+    def updates(model_id: str) -> list[dict[str, Any]]:
+        return [
+            m
+            for m in kernel.iopub
+            if m["msg_type"] == "comm_msg"
+            and m["content"]["comm_id"] == model_id
+            and m["content"]["data"].get("method") == "update"
+        ]
+
+    bar_updates = [m for m in updates(bar_id) if "value" in m["content"]["data"]["state"]]
+    values = [m["content"]["data"]["state"]["value"] for m in bar_updates]
+    mid_run = [v for v in values if 0 < v < 40]
+    assert len(mid_run) >= 3, f"too few progress updates while running: {values}"
+    assert values == sorted(values)
+    # every update of the bar is tagged with the displaying cell, none with a later one
+    parents = {m["parent_header"].get("msg_id") for m in bar_updates}
+    assert parents == {shown}, (parents, shown, started, busy)
+    # ... including those sent while another cell was executing
+    busy_status = [
+        i
+        for i, m in enumerate(kernel.iopub)
+        if m["msg_type"] == "status" and m["parent_header"].get("msg_id") == busy
+    ]
+    first, last = busy_status[0], busy_status[-1]
+    during = [m for m in kernel.iopub[first:last] if m in bar_updates]
+    assert during, "no progress update arrived while another cell ran"
+    status_values = [m["content"]["data"]["state"].get("value") for m in updates(status_id)]
+    assert "running" in status_values
