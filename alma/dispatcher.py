@@ -157,13 +157,22 @@ class Dispatcher:
                     self._close_session()
                 return
             self._plan = plan
+            self._idle.clear()
+        self._launch(self.spec.workers)  # outside the mutex: a Dask cluster takes seconds
+
+    def _launch(self, workers: int) -> None:
+        """Start one more executor with ``workers`` workers pulling from the plan.
+
+        Called without the mutex held: executors may take long to start (processes,
+        clusters), and progress must stay readable meanwhile.
+        """
+        with self._mutex:
             name, options = self.spec.executor
             executor = executor_class(name)(
-                self.spec.run, self.spec.workers, self.spec.retries, self.spec.timeout, options
+                self.spec.run, workers, self.spec.retries, self.spec.timeout, options
             )
             self._executors.append(executor)
             self._live_executors += 1
-            self._idle.clear()
         try:
             executor.start(self)
         except BaseException:
@@ -308,13 +317,7 @@ class Dispatcher:
             free = self.spec.workers - len(self._inflight)
             if not self._active or self._stopping or self._plan is None or free <= 0:
                 return
-            name, options = self.spec.executor
-            executor = executor_class(name)(
-                self.spec.run, free, self.spec.retries, self.spec.timeout, options
-            )
-            self._executors.append(executor)
-            self._live_executors += 1
-        executor.start(self)
+        self._launch(free)
 
     def close(self) -> None:
         """Stop (waiting for in-flight runs) and release the state file."""
