@@ -26,7 +26,7 @@ from conftest import ExperimentFactory, python_env, wait_until
 import alma
 import alma.experiment
 
-EXECUTORS = ["threads", "processes"]
+EXECUTORS = ["threads", "processes", "dask"]
 
 
 @pytest.fixture(params=EXECUTORS)

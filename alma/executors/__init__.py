@@ -16,6 +16,7 @@ from .base import Executor, Outcome, RunSource, Task, execute, to_json
 REGISTRY: dict[str, str] = {
     "threads": "alma.executors.threads:ThreadExecutor",
     "processes": "alma.executors.processes:ProcessExecutor",
+    "dask": "alma.executors.dask:DaskExecutor",
 }
 
 

@@ -1,0 +1,519 @@
+"""Run on a Dask cluster: a local one (``"dask"``) or an existing scheduler
+(``{"dask": "tcp://host:8786"}``), for experiments that outgrow one machine.
+
+Why Dask and not a home-made protocol: it already knows how to start workers on SLURM,
+PBS or Kubernetes (dask-jobqueue, dask-kubernetes), reschedules the tasks of a worker
+that dies, and shows a dashboard.
+
+How a run travels:
+
+* The run function goes to workers with cloudpickle, **by value** for code that is
+  not an installed package (an experiment's run module, a notebook cell), so workers
+  need pyalma and the run's imports installed, but not the run module's file.
+* At most ``2 × workers`` runs are submitted at a time (a bounded window, refilled as
+  runs complete via ``distributed.as_completed``), so a stop never has thousands of
+  queued tasks to cancel and the plan order is kept.
+* Checkpoints: ``save_callback`` on a worker puts the JSON text on a per-session
+  ``distributed.Queue`` (through the scheduler) and waits on a per-run reply queue.
+  The dispatcher's side commits it and answers "ok", or "stop" when a stop was asked,
+  so ``save_callback`` stays durable and stop is honoured at the next checkpoint, as
+  with threads.
+* Results come back as the tasks' results; only the dispatcher writes the store, and a
+  run is reported once, from its one future, whatever Dask did underneath.
+
+Stop: every worker is told the session stops (``Client.run``, served by the workers'
+event loops even while their threads compute) and answers which of our tasks have
+started there; futures that have not started are cancelled, those that start late see
+the flag and return without calling ``run``, runs in progress are interrupted at their
+next ``save_callback`` (after it saved). A run that never checkpoints goes on to its
+end and its result is kept, as with threads.
+
+A worker killed mid-run: Dask reschedules its task on another worker (from the
+checkpoint it was submitted with). If Dask gives up (``KilledWorker``, after the task
+was on several dying workers), alma resubmits it with its latest checkpoint, at most
+``MAX_RESUBMITS`` times, then records the run as failed with that error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import linecache
+import logging
+import sys
+import sysconfig
+import threading
+import types
+import uuid
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import AlmaError, ConfigError, Interrupted
+from .base import Executor, Outcome, RunSource, Task, execute
+
+log = logging.getLogger(__name__)
+
+#: Seconds to wait for an external scheduler before giving up with a clear error.
+CONNECT_TIMEOUT = 10.0
+#: Runs submitted ahead, per worker: enough to keep workers busy between round trips.
+IN_FLIGHT_PER_WORKER = 2
+#: Times alma resubmits a run that Dask gave up on (KilledWorker) before failing it.
+MAX_RESUBMITS = 2
+#: Seconds a worker waits for the dispatcher to commit a checkpoint before giving up
+#: (the dispatcher's process is gone): the run is then abandoned, as by a stop.
+CHECKPOINT_ACK_TIMEOUT = 300.0
+
+_INSTALL_HINT = 'Install it with: pip install "pyalma[dask]"'
+
+
+def _distributed() -> Any:
+    """Import Dask distributed on first use; a missing package says what to install."""
+    try:
+        import distributed
+    except ImportError as exc:
+        raise ConfigError(
+            f'executor "dask" needs Dask distributed, which is not installed ({exc}). '
+            + _INSTALL_HINT
+        ) from None
+    return distributed
+
+
+def _installed(module: Any) -> bool:
+    """True when a module comes from the Python installation (workers have it too)."""
+    file = getattr(module, "__file__", None)
+    if not file:
+        return True  # builtin
+    roots = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    path = Path(file).resolve()
+    return any(path.is_relative_to(Path(r).resolve()) for r in roots if r)
+
+
+_pickle_lock = threading.Lock()
+
+
+def dump_run(run: Callable[..., Any]) -> tuple[str, Any]:
+    """What a worker needs to call ``run`` without the run module's file.
+
+    An experiment's run module (``alma_run_*``) travels as its source text and is
+    executed on the worker under the same name and file name, so tracebacks show the
+    user's file and lines. Anything else travels with cloudpickle, by value unless it
+    comes from an installed package.
+    """
+    import cloudpickle
+
+    module = sys.modules.get(getattr(run, "__module__", "") or "")
+    name = getattr(module, "__name__", "")
+    file = getattr(module, "__file__", None)
+    if name.startswith("alma_run_") and file and getattr(run, "__name__", None) == "run":
+        try:
+            return "module", (name, file, Path(file).read_text(encoding="utf-8"))
+        except OSError:
+            pass  # the file went away: pickle the function instead
+    by_value = module is not None and name != "__main__" and not _installed(module)
+    with _pickle_lock:  # registering by value is process-wide: undo it right after
+        if by_value:
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            return "pickle", cloudpickle.dumps(run)
+        except Exception as exc:
+            raise ConfigError(
+                f'executor "dask": the run function {getattr(run, "__qualname__", run)!r} '
+                f"cannot be sent to Dask workers ({type(exc).__name__}: {exc}). Do not let it "
+                "capture unpicklable objects (open files, locks, connections)."
+            ) from exc
+        finally:
+            if by_value:
+                cloudpickle.unregister_pickle_by_value(module)
+
+
+def load_run(kind: str, data: Any) -> Callable[..., Any]:
+    """Inverse of :func:`dump_run`, on a worker."""
+    if kind == "pickle":
+        import cloudpickle
+
+        return cloudpickle.loads(data)  # type: ignore[no-any-return]
+    name, file, source = data
+    module = sys.modules.get(name)
+    if module is None:
+        module = types.ModuleType(name)
+        module.__file__ = file
+        # Tracebacks read lines through linecache; the worker may not have the file.
+        # mtime None: checkcache() keeps the entry.
+        linecache.cache[file] = (len(source), None, source.splitlines(True), file)
+        sys.modules[name] = module  # lets pickling, dataclasses and typing find it
+        try:
+            exec(compile(source, file, "exec"), module.__dict__)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+    return module.run  # type: ignore[no-any-return]
+
+
+class DaskExecutor(Executor):
+    """Submits runs to a Dask cluster, ``2 × workers`` at a time."""
+
+    name = "dask"
+    aborts_runs = False  # runs stop at their next save_callback, as with threads
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._client: Any = None
+        self._cluster: Any = None
+        self._session = f"alma-{uuid.uuid4().hex[:12]}"
+        self._lock = threading.Lock()
+        self._futures: dict[str, Any] = {}  # dask key -> future, in flight
+        self._tasks: dict[tuple[int, int], Task] = {}  # run key -> task, in flight
+        self._replies: dict[tuple[int, int], Any] = {}  # run key -> its reply queue
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- Executor interface ----------------------------------------------------------
+
+    def start(self, source: RunSource) -> None:
+        distributed = _distributed()
+        payload = dump_run(self.run)  # pickling problems surface here, in start()
+        if self.timeout is not None:
+            warnings.warn(
+                f'"timeout": {self.timeout:g} is not enforced by the Dask executor (a Dask '
+                'task cannot be killed); use "executor": "processes" to enforce it.',
+                stacklevel=3,
+            )
+        if self.options is not None:
+            self._client = self._connect(distributed, self.options)
+        self._thread = threading.Thread(
+            target=self._drive, args=(source, distributed, payload), name="alma-dask", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Tell workers the session stops, then cancel the tasks that have not started."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+        threading.Thread(target=self._cancel_unstarted, name="alma-dask-stop", daemon=True).start()
+
+    def close(self) -> None:
+        self.stop()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(30)
+
+    # -- connecting ------------------------------------------------------------------
+
+    def _connect(self, distributed: Any, address: str) -> Any:
+        """A client of an existing scheduler, or an AlmaError within CONNECT_TIMEOUT."""
+        try:
+            return distributed.Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+        except Exception as exc:
+            raise AlmaError(
+                f"cannot reach the Dask scheduler at {address!r} within {CONNECT_TIMEOUT:g} s "
+                f"({type(exc).__name__}: {exc}). Check the address in the experiment's "
+                '"executor" field and that `dask scheduler` runs there and is reachable '
+                'from this machine; or use "executor": "dask" for a local cluster.'
+            ) from exc
+
+    def _local_cluster(self, distributed: Any) -> Any:
+        """A LocalCluster of ``workers`` single-threaded worker processes (no GIL sharing)."""
+        self._cluster = distributed.LocalCluster(
+            n_workers=self.workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+        )
+        return distributed.Client(self._cluster, set_as_default=False)
+
+    # -- the driver --------------------------------------------------------------------
+
+    def _drive(self, source: RunSource, distributed: Any, payload: tuple[str, Any]) -> None:
+        """Submit a bounded window of runs, collect their outcomes, relay checkpoints."""
+        receiver: threading.Thread | None = None
+        queue: Any = None
+        try:
+            if self._client is None:
+                try:
+                    self._client = self._local_cluster(distributed)
+                except Exception as exc:
+                    log.exception("starting a local Dask cluster failed")
+                    warnings.warn(
+                        f"alma: starting a local Dask cluster failed: {exc!r}", stacklevel=1
+                    )
+                    return
+            client = self._client
+            queue = distributed.Queue(f"{self._session}-ckpt", client=client)
+            receiver = threading.Thread(
+                target=self._receive,
+                args=(source, distributed, queue),
+                name="alma-dask-checkpoints",
+                daemon=True,
+            )
+            receiver.start()
+            token = f"{self._session}-{uuid.uuid4().hex[:8]}"
+            window = IN_FLIGHT_PER_WORKER * self.workers
+            ac = distributed.as_completed(with_results=False, loop=client.loop)
+            meta: dict[str, tuple[Task, int]] = {}  # dask key -> (task, resubmits)
+
+            def submit(task: Task, resubmits: int) -> None:
+                key = f"alma-run-{self._session}-{task.key[0]}-{task.key[1]}-{resubmits}"
+                fut = client.submit(
+                    _dask_run,
+                    self._session,
+                    token,
+                    payload,
+                    key,
+                    task.key,
+                    task.path,
+                    task.iteration,
+                    task.state,
+                    self.retries,
+                    key=key,
+                    pure=False,
+                )
+                with self._lock:
+                    self._futures[key] = fut
+                    self._tasks[task.key] = task
+                meta[key] = (task, resubmits)
+                ac.add(fut)
+
+            def refill() -> None:
+                while len(meta) < window and not self._stopping:
+                    task = source.next_task()
+                    if task is None:
+                        return
+                    submit(task, 0)
+
+            refill()
+            while not ac.is_empty():
+                for fut in ac.next_batch(block=True):
+                    task, resubmits = meta.pop(fut.key)
+                    with self._lock:
+                        self._futures.pop(fut.key, None)
+                    self._collect(source, task, fut, resubmits, distributed, submit)
+                refill()
+        finally:
+            if receiver is not None:
+                with contextlib.suppress(Exception):
+                    queue.put(None)  # ends the receiver
+                receiver.join(10)  # no checkpoint may reach the dispatcher after this
+            with self._lock:
+                replies, self._replies = list(self._replies.values()), {}
+            for reply in [*replies, queue]:
+                with contextlib.suppress(Exception):
+                    reply.close()
+            source.executor_done()
+            self._end_session()
+            self._shutdown()
+
+    def _collect(
+        self,
+        source: RunSource,
+        task: Task,
+        fut: Any,
+        resubmits: int,
+        distributed: Any,
+        submit: Callable[[Task, int], None],
+    ) -> None:
+        """Report, abandon or resubmit one finished future."""
+        status = fut.status
+        if status == "finished":
+            res = fut.result()
+            if res[0] == "outcome":
+                self._untrack(task)
+                source.report(task, Outcome(*res[1:]))
+                return
+            # "skipped" (the session stopped before it started) or "interrupted"
+        elif status == "error" and not self._stopping:
+            exc = fut.exception()
+            if isinstance(exc, distributed.KilledWorker) and resubmits < MAX_RESUBMITS:
+                log.warning("%s iteration %s: %s; resubmitting", task.instance, task.iteration, exc)
+                submit(task, resubmits + 1)  # with task.state: the latest checkpoint
+                return
+            self._untrack(task)
+            error = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, distributed.KilledWorker):
+                error = (
+                    f"WorkerDied: the Dask workers running this run died {resubmits + 1} "
+                    f"time(s) ({error}); out of memory?"
+                )
+            source.report(task, Outcome("failed", None, error, None, 1, 0.0))
+            return
+        elif status != "cancelled" and not self._stopping:  # lost: try again
+            submit(task, resubmits)
+            return
+        self._untrack(task)
+        source.abandon(task)
+
+    def _untrack(self, task: Task) -> None:
+        with self._lock:
+            self._tasks.pop(task.key, None)
+            reply = self._replies.pop(task.key, None)
+        if reply is not None:
+            with contextlib.suppress(Exception):
+                reply.close()
+
+    def _receive(self, source: RunSource, distributed: Any, queue: Any) -> None:
+        """Commit checkpoints sent by workers and answer each: "ok" or "stop".
+
+        Blocks on the queue without a timeout (a timed-out get is logged as an error by
+        the scheduler); the driver ends this loop by putting ``None`` on the queue.
+        """
+        client = self._client
+        while True:
+            try:
+                item = queue.get()
+            except Exception:  # the client or the scheduler is gone
+                return
+            if item is None:
+                return
+            reply_name, inst, it, state = item
+            with self._lock:
+                task = self._tasks.get((inst, it))
+            answer = "stop"
+            if task is not None:
+                task.state = state
+                try:
+                    source.checkpoint(task, state)  # returns once committed
+                    answer = "ok"
+                except Interrupted:
+                    pass
+            try:
+                with self._lock:
+                    reply = self._replies.get((inst, it))
+                if reply is None or reply.name != reply_name:
+                    if reply is not None:
+                        reply.close()
+                    # One handle per run, kept until the run ends: a queue is created
+                    # on the scheduler once, not at every checkpoint.
+                    reply = distributed.Queue(reply_name, client=client)
+                    with self._lock:
+                        self._replies[(inst, it)] = reply
+                reply.put(answer)
+            except Exception:
+                log.exception("answering a checkpoint failed")
+
+    def _cancel_unstarted(self) -> None:
+        """Stop: flag the session on every worker, cancel the futures not started yet."""
+        client = self._client
+        if client is None:
+            return
+        try:
+            started_by_worker = client.run(_mark_stopped, self._session, on_error="ignore")
+            started = set().union(*[v for v in started_by_worker.values() if isinstance(v, list)])
+            with self._lock:
+                unstarted = [f for k, f in self._futures.items() if k not in started]
+            if unstarted:
+                client.cancel(unstarted)
+        except Exception:
+            log.exception("cancelling Dask tasks on stop failed")
+
+    def _end_session(self) -> None:
+        """Let workers drop this session's cached function and queue handles."""
+        client = self._client
+        if client is None:
+            return
+        with contextlib.suppress(Exception):
+            client.run(_forget_session, self._session, on_error="ignore")
+
+    def _shutdown(self) -> None:
+        """Close the client, and the local cluster if we started it."""
+        client, cluster = self._client, self._cluster
+        self._client = self._cluster = None
+        with contextlib.suppress(Exception):
+            if client is not None:
+                client.close(timeout=10)
+        with contextlib.suppress(Exception):
+            if cluster is not None:
+                cluster.close(timeout=10)
+
+
+# -- on the workers ---------------------------------------------------------------------
+
+#: Per worker process: loaded run functions by token, sessions told to stop, the
+#: tasks of each session that have started here, and checkpoint queue handles.
+_CALLERS: dict[str, Callable[..., Any]] = {}
+_STOPPED: set[str] = set()
+_STARTED: dict[str, set[str]] = {}
+_QUEUES: dict[str, Any] = {}
+
+
+def _mark_stopped(session: str) -> list[str]:
+    """Runs on every worker at stop: no new run starts; say which have started."""
+    _STOPPED.add(session)
+    return sorted(_STARTED.get(session, ()))
+
+
+def _forget_session(session: str) -> None:
+    """Runs on every worker at the end of a session."""
+    _STARTED.pop(session, None)
+    for token in [t for t in _CALLERS if t.startswith(session)]:
+        del _CALLERS[token]
+    queue = _QUEUES.pop(session, None)
+    if queue is not None:
+        with contextlib.suppress(Exception):
+            queue.close()
+
+
+def _caller(token: str, payload: tuple[str, Any]) -> Callable[..., Any]:
+    caller = _CALLERS.get(token)
+    if caller is None:
+        from ..spec import make_caller
+
+        caller = _CALLERS[token] = make_caller(load_run(*payload))
+    return caller
+
+
+def _dask_run(
+    session: str,
+    token: str,
+    payload: tuple[str, Any],
+    key: str,
+    run_key: tuple[int, int],
+    path: str,
+    iteration: int,
+    state: str | None,
+    retries: int,
+) -> tuple[Any, ...]:
+    """The Dask task: one run, with retries, through the same ``execute`` as threads."""
+    import distributed
+
+    started = _STARTED.setdefault(session, set())
+    started.add(key)  # before the check: see _mark_stopped
+    if session in _STOPPED:
+        started.discard(key)
+        return ("skipped",)
+    reply: Any = None
+    try:
+        caller = _caller(token, payload)
+        task = Task((0, 0), "", path, iteration, state)
+
+        def checkpoint(_task: Task, text: str) -> None:
+            nonlocal reply
+            client = distributed.get_client()
+            if reply is None:
+                # Unique per execution: a rescheduled copy must not read stale answers.
+                reply = distributed.Queue(f"{key}-reply-{uuid.uuid4().hex[:8]}", client=client)
+            queue = _QUEUES.get(session)
+            if queue is None:
+                queue = _QUEUES[session] = distributed.Queue(f"{session}-ckpt", client=client)
+            queue.put([reply.name, run_key[0], run_key[1], text])
+            try:
+                answer = reply.get(timeout=CHECKPOINT_ACK_TIMEOUT)
+            except Exception:  # the dispatcher is gone: nobody will store this run
+                answer = "stop"
+            if answer != "ok":
+                raise Interrupted(f"{path} iteration {iteration}: stopped")
+
+        try:
+            out = execute(caller, task, checkpoint, retries)
+        except Interrupted:
+            return ("interrupted",)
+        return ("outcome", out.status, out.result, out.error, out.traceback, out.attempts,
+                out.duration)  # fmt: skip
+    finally:
+        started.discard(key)
+        if reply is not None:
+            with contextlib.suppress(Exception):
+                reply.close()
+
+
+__all__ = ["CONNECT_TIMEOUT", "DaskExecutor", "dump_run"]
