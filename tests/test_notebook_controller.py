@@ -291,3 +291,17 @@ def test_engine_import_does_not_load_the_widget_stack() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_reloading_a_running_experiment_reuses_dispatcher_and_controller(
+    tmp_path: Path, cleanup: list[Any]
+) -> None:
+    d = make_dispatcher(tmp_path, gated_run, instances=2, iterations=1)
+    c = alma.notebook.controller_for(d)
+    cleanup += [c, d]
+    c.start_button.click()
+    with pytest.warns(UserWarning, match="already running"):
+        again = make_dispatcher(tmp_path, gated_run, instances=2, iterations=1)
+    assert again is d
+    assert alma.notebook.controller_for(again) is c
+    assert not c.closed
