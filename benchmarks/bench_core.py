@@ -143,10 +143,8 @@ def throughput(tmp: Path, runs: int, rounds: int) -> dict[str, float]:
 # -- (b) a state with many finished runs ------------------------------------------------
 
 
-def build_big_state(folder: Path, instances: int, iterations: int) -> float:
-    """Write an experiment on disk and run it to the end with alma; returns seconds."""
-    import alma.experiment
-
+def write_big_experiment(folder: Path, instances: int, iterations: int) -> None:
+    """Write an experiment on disk: ``instances`` small files, a no-op run module."""
     data = folder / "data"
     data.mkdir(parents=True)
     for i in range(instances):
@@ -156,16 +154,23 @@ def build_big_state(folder: Path, instances: int, iterations: int) -> float:
     experiment = {"load": "noop.py", "batch": "big.batch", "iterations": iterations}
     experiment["workers"] = WORKERS
     (folder / "big.experiment").write_text(json.dumps(experiment))
-    t0 = time.perf_counter()
-    dispatcher = alma.experiment.load(folder / "big.experiment")
-    dispatcher.start()
-    dispatcher.join()
-    elapsed = time.perf_counter() - t0
-    p = dispatcher.progress
-    dispatcher.close()
-    if p.done != instances * iterations:
-        sys.exit(f"FAIL: building the big state ended with {p}")
-    return elapsed
+
+
+def peak_mb() -> float:
+    """Peak resident memory of this process, in MB.
+
+    VmHWM rather than ru_maxrss where there is one: a child started by ``subprocess``
+    inherits its parent's ru_maxrss (the RSS of the parent's image at exec), which
+    would make a small parent's child look as big as the benchmark process itself.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(folder: str, what: str) -> dict[str, Any]:
@@ -176,7 +181,7 @@ def measure(folder: str, what: str) -> dict[str, Any]:
     import alma.experiment
 
     out: dict[str, Any] = {"import_s": time.perf_counter() - t0}
-    out["base_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["base_mb"] = peak_mb()
     t0 = time.perf_counter()
     dispatcher = alma.experiment.load(Path(folder) / "big.experiment")
     out["load_s"] = time.perf_counter() - t0
@@ -189,13 +194,14 @@ def measure(folder: str, what: str) -> dict[str, Any]:
         dispatcher.start()
         out["finished"] = dispatcher.join()
         out["start_join_s"] = time.perf_counter() - t0
+        out["done_after"] = dispatcher.progress.done
     elif what == "results":
         t0 = time.perf_counter()
         frame = dispatcher.results
         out["results_s"] = time.perf_counter() - t0
         out["rows"] = len(frame)
     dispatcher.close()
-    out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_mb"] = peak_mb()
     return out
 
 
@@ -219,11 +225,16 @@ def scale(tmp: Path, instances: int, iterations: int) -> dict[str, Any]:
         f"\n(b) a state with {instances:,} instances x {iterations:,} iterations = {total:,} runs"
     )
     folder = tmp / "big"
-    build = build_big_state(folder, instances, iterations)
+    write_big_experiment(folder, instances, iterations)
+    built = in_subprocess(folder, "start")  # runs all of them: builds the state
+    if built["done_after"] != total:
+        sys.exit(f"FAIL: building the big state ended with {built['done_after']} done runs")
+    build = built["start_join_s"]
     size = sum(f.stat().st_size for f in folder.glob("big.experiment.sqlite*")) / 2**20
     print(
-        f"    built by running alma with a no-op run: {build:.1f} s "
-        f"({total / build:,.0f} runs/s), state file {size:.0f} MB (with its WAL)"
+        f"    built by running alma with a no-op run (in a subprocess): {build:.1f} s "
+        f"({total / build:,.0f} runs/s), peak RSS {built['peak_mb']:.0f} MB; "
+        f"state file {size:.0f} MB with its WAL"
     )
     loads = [in_subprocess(folder, "load") for _ in range(2)]
     load = min(loads, key=lambda m: m["load_s"])
