@@ -105,6 +105,7 @@ class Controller(widgets.VBox):
         self._instances_key: Any = None
         self._instances_at = 0.0
         self._frozen_elapsed = 0.0
+        self._frozen_rate: float | None = None
         self._last_status = ""
 
         name = dispatcher.spec.name
@@ -317,9 +318,11 @@ class Controller(widgets.VBox):
 
     def _draw_bar(self, p: Progress, status: str) -> None:
         if status in _ACTIVE:
-            self._frozen_elapsed = p.elapsed
+            self._frozen_elapsed, self._frozen_rate = p.elapsed, p.rate
             rate = p.rate
-        else:  # paused or done: the clock stops, and a rate would mislead
+        elif status == "finished":  # the clock stops; the session's rate stays of interest
+            rate = self._frozen_rate
+        else:  # paused or idle: the clock stops, and a rate (with its ETA) would mislead
             rate = None
         self.bar.snapshot = (p.finished, p.total, self._frozen_elapsed, rate)
         self.bar.n = p.finished
