@@ -43,6 +43,8 @@ def _done(exp: Path) -> dict[tuple[str, int], int]:
     """(instance file name, iteration) -> pid that produced it, as a reader sees it now."""
     r = alma.experiment.load(exp).results
     r = r[r["status"] == "done"]
+    if r.empty:  # no dict result yet: no "pid" column either
+        return {}
     return {
         (Path(i).name, int(it)): int(pid)
         for i, it, pid in zip(r["instance"], r["iteration"], r["pid"], strict=True)
