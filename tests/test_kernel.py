@@ -225,6 +225,10 @@ def test_magics_notebook_runs_headless(tmp_path: Path) -> None:
 
     (bare,) = [c for c in nb.cells if c.cell_type == "code" and c.source == "%alma"]
     assert "%alma load PATH" in outputs_text(bare)
+    loaded = cell_with(nb, "%alma load")
+    assert any(
+        "application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in loaded.outputs
+    )  # the controller is shown
     assert "maxcut: running" in outputs_text(cell_with(nb, "%alma start"))
     stopped = outputs_text(cell_with(nb, "%alma stop"))
     assert stopped.startswith("maxcut: paused · ")
