@@ -393,3 +393,50 @@ def test_executor_options_are_validated(
     exp = make_experiment(executor={"processes": 4})
     with pytest.raises(alma.ConfigError, match=r"'executor'.*takes no options"):
         alma.experiment.load(exp)
+
+
+def test_processes_workers_end_when_the_dispatcher_process_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the kernel or script: its worker processes do not run on as orphans."""
+    for i in range(2):
+        (tmp_path / f"f{i}.txt").write_text("x")
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, pathlib, time
+            import alma
+
+            def run(instance, save_callback, state):
+                pathlib.Path(f"{instance}.pid{os.getpid()}").touch()
+                time.sleep(120)
+
+            exp = alma.Experiment(run=run, instances=["f*.txt"], workers=2,
+                                  executor="processes", state="s.sqlite")
+            exp.start()
+            time.sleep(120)
+            """
+        )
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=python_env())
+    try:
+        wait_until(lambda: len(_pids(tmp_path)) == 2, timeout=60)
+        pids = _pids(tmp_path)
+    finally:
+        proc.kill()
+        proc.wait()
+
+    def gone() -> bool:
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:  # ended in between
+                continue
+            if stat.rsplit(")", 1)[1].split()[0] != "Z":  # a zombie has ended too
+                return False
+        return True
+
+    wait_until(gone, timeout=10, interval=0.1)

@@ -145,6 +145,11 @@ class ProcessExecutor(Executor):
     # -- Executor interface ----------------------------------------------------------
 
     def start(self, source: RunSource) -> None:
+        if os.name != "posix":
+            raise ConfigError(
+                'executor "processes" needs a POSIX system (Linux, macOS): its workers talk '
+                'over an inherited socket. Use "executor": "threads" or "dask" here.'
+            )
         # Pickling problems surface here, in start(), before any run is handed out.
         self._payload = run_payload(self.run)
         alive = [self.workers]
