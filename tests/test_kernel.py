@@ -19,7 +19,7 @@ import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager, start_new_kernel
 from nbclient import NotebookClient
-from notebook_helpers import copy_examples, wait_for, widget_states
+from notebook_helpers import NOTEBOOKS, copy_examples, wait_for, widget_states
 
 import alma.experiment
 
@@ -335,3 +335,13 @@ def test_timer_updates_reach_iopub_as_the_displaying_cell(tmp_path: Path, kernel
     assert during, "no progress update arrived while another cell ran"
     status_values = [m["content"]["data"]["state"].get("value") for m in updates(status_id)]
     assert "running" in status_values
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "magics.ipynb"])
+def test_notebooks_are_stored_without_outputs(name: str) -> None:
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code
+    assert all(c.outputs == [] and c.execution_count is None for c in code)
+    assert "widgets" not in nb.metadata  # no saved widget state either
