@@ -290,12 +290,17 @@ def browser(jupyter_server: JupyterServer) -> Iterator[Any]:
 
 
 @pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    """A fresh browser context and page with a roomy viewport."""
+def page(browser: Any, artifacts: Path) -> Iterator[Any]:
+    """A fresh browser context and page with a roomy viewport; the browser console is
+    saved next to the screenshots (widget errors show up there, not in the kernel)."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     context.set_default_timeout(30_000)
     page = context.new_page()
+    console: list[str] = []
+    page.on("console", lambda msg: console.append(f"[{msg.type}] {msg.text}"))
+    page.on("pageerror", lambda exc: console.append(f"[pageerror] {exc}"))
     try:
         yield page
     finally:
         context.close()
+        (artifacts / "browser-console.log").write_text("\n".join(console) + "\n")

@@ -12,6 +12,7 @@ Screenshots of every step go to ``$ALMA_ARTIFACTS`` (default ``tests/artifacts``
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -40,6 +41,8 @@ EXECUTED = re.compile(r"^\[\d+\]:$")
 #: output wrapper carries none.
 WIDGET_OUTPUT = ".jp-OutputArea-output:not([data-mime-type])"
 ERROR_OUTPUT = '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'
+#: An exception in a stderr output (a warning's line starts with its file name instead).
+RAISED = re.compile(r"(?m)^\s*\w*(Error|Exception)\b")
 
 
 def _poll(what: str, predicate: Callable[[], Any], timeout: float, page: Any = None) -> Any:
@@ -130,7 +133,7 @@ def run_until_controller(page: Any, timeout: float = 120) -> Any:
             page,
         )
         text = "\n".join(cell.locator(ERROR_OUTPUT).all_inner_texts())
-        assert "Traceback" not in text and "Error" not in text, f"cell {i + 1} failed:\n{text}"
+        assert not RAISED.search(text), f"cell {i + 1} raised:\n{text}"
         if cell.locator(WIDGET_OUTPUT).count():
             # A widget is on its way; wait until it is drawn, then see whether it is ours.
             _poll(
@@ -239,6 +242,8 @@ def _scenario(page: Any, jupyter_server: JupyterServer, shot: Shots) -> None:
     # 1. Open the quickstart and run it down to the controller.
     page.goto(jupyter_server.lab_url(NOTEBOOK))
     wait_kernel_idle(page)
+    config = json.loads(page.locator("#jupyter-config-data").text_content() or "{}")
+    assert harness.ANNOUNCEMENTS in config.get("disabledExtensions", []), "news popup not off"
     shot("opened")
     view = ControllerView(run_until_controller(page))
     _poll("status 'idle'", lambda: view.status_text() == "idle", 30, page)
