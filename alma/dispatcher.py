@@ -158,7 +158,11 @@ class Dispatcher:
                 return
             self._plan = plan
             self._idle.clear()
-        self._launch(self.spec.workers)  # outside the mutex: a Dask cluster takes seconds
+            # Workers of runs still in flight (a stop that timed out) pull from this plan
+            # too once their run ends: start only the missing ones.
+            free = self.spec.workers - len(self._inflight)
+        if free > 0:
+            self._launch(free)  # outside the mutex: a Dask cluster takes seconds
 
     def _launch(self, workers: int) -> None:
         """Start one more executor with ``workers`` workers pulling from the plan.

@@ -259,36 +259,43 @@ def test_stop_latency_with_checkpointing_runs(experiment) -> None:
 
 
 def test_stuck_run_is_reported_not_handed_out_again_and_kept(experiment) -> None:
-    release = threading.Event()
+    release, go = threading.Event(), threading.Event()
     calls: list[tuple[str, int]] = []
 
-    def run(instance, iteration):
-        calls.append((Path(instance).name, iteration))
-        if (Path(instance).name, iteration) == ("f0.txt", 0):
+    def run(instance, save_callback, state, iteration):
+        key = (Path(instance).name, iteration)
+        calls.append(key)
+        if key == ("f0.txt", 0):
             assert release.wait(20)  # neither checkpoints nor ends until released
             return "released"
+        while not go.is_set():  # the others checkpoint, so a stop aborts them
+            save_callback({})
+            time.sleep(0.005)
         return "quick"
 
-    d = experiment(run, n=2, iterations=3, workers=1)
+    d = experiment(run, n=2, iterations=3, workers=2)
     try:
         d.start()
-        wait_until(lambda: calls)
-        with pytest.warns(UserWarning, match=r"f0\.txt"):
+        wait_until(lambda: len(calls) == 2)
+        with pytest.warns(UserWarning, match=r"f0\.txt', 0\)\]") as record:
             assert d.stop(timeout=0.5) is False
-        assert d.progress.running == 1
-        d.start()  # resumes the others while the stuck run goes on
+        assert "f1.txt" not in str(record[0].message)  # that one checkpointed and left
+        assert d.progress.running == 1 and d.status == "stopping"
+        go.set()
+        d.start()  # resumes the others on the free worker while the stuck run goes on
+        assert d.status == "running"
         wait_until(lambda: d.progress.done == 5)
         assert calls.count(("f0.txt", 0)) == 1
         assert d.progress.running == 1 and not d.finished
     finally:
         release.set()
+        go.set()
     assert d.join(timeout=10) is True
     assert calls.count(("f0.txt", 0)) == 1
-    r = d.results.set_index(["iteration"]).sort_index()
-    assert len(d.results) == 6
-    stuck = d.results[(d.results["iteration"] == 0) & d.results["instance"].str.endswith("f0.txt")]
-    assert stuck["result"].tolist() == ["released"] and stuck["status"].tolist() == ["done"]
-    assert len(r) == 6
+    r = d.results
+    assert len(r) == 6 and (r["status"] == "done").all()
+    stuck = r[(r["iteration"] == 0) & r["instance"].str.endswith("f0.txt")]
+    assert stuck["result"].tolist() == ["released"]
 
 
 def test_stop_of_an_idle_dispatcher_returns_true(experiment) -> None:
@@ -526,3 +533,39 @@ def test_progress_and_state_frames(experiment) -> None:
     assert list(s.columns[:6]) == ["instance", "done", "failed", "running", "pending", "iterations"]
     assert s["done"].tolist() == [2, 2, 2] and s["pending"].tolist() == [0, 0, 0]
     json.dumps(d.results.drop(columns=["finished"]).to_dict("records"))  # plain values
+
+
+def test_restart_after_a_stop_timeout_keeps_to_the_worker_count(experiment) -> None:
+    """A start() while a stuck run is still in flight must not run more than ``workers``
+    runs at once: that run's worker pulls from the new plan when it ends."""
+    release = threading.Event()
+    lock = threading.Lock()
+    now = [0]
+    peak = [0]
+
+    def run(instance, iteration):
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        try:
+            if iteration == 0:
+                assert release.wait(20)
+            else:
+                time.sleep(0.03)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    d = experiment(run, n=1, iterations=8, workers=2)
+    try:
+        d.start()
+        wait_until(lambda: d.progress.done >= 1)
+        with pytest.warns(UserWarning, match="still going"):
+            assert d.stop(timeout=0.3) is False
+        d.start()
+        wait_until(lambda: d.progress.done >= 4)
+    finally:
+        release.set()
+    assert d.join(timeout=20) is True
+    assert d.progress.done == 8
+    assert peak[0] <= 2
