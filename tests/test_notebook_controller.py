@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ipywidgets.widgets.widget import _instances
 from notebook_helpers import controller_threads, make_dispatcher, wait_for
 
 import alma.notebook
@@ -216,12 +217,15 @@ def test_close_ends_the_timer(tmp_path: Path, cleanup: list[Any]) -> None:
     d = make_dispatcher(tmp_path, slow_run, instances=1, iterations=1, workers=1)
     cleanup.append(d)
     before = len(controller_threads())
+    models_before = set(_instances)
     c = Controller(d)
     c.start_button.click()
     assert len(controller_threads()) == before + 1
     c.close()
     assert len(controller_threads()) == before
+    assert set(_instances) == models_before  # every part was closed
     assert d.running  # closing the view leaves the experiment alone
+    assert alma.notebook.controller_for(d) is not c  # a closed controller is not reused
 
 
 def test_one_controller_per_dispatcher(tmp_path: Path, cleanup: list[Any]) -> None:

@@ -197,9 +197,19 @@ class Controller(widgets.VBox):
     def close(self) -> None:
         """Stop the timer and close the widgets (the dispatcher is left as it is)."""
         self._shutdown()
-        for w in (self.start_button, self.stop_button, self.status_label, self.counts):
-            w.close()
-        super().close()
+        self.bar.disable = True  # tqdm must not redraw a closed bar when collected
+        with self._draw_lock:
+            # Close every part (layouts and styles too): the widget registry holds each
+            # one until it is closed, and the front-end drops their views.
+            stack: list[widgets.Widget] = list(self.children)
+            while stack:
+                w = stack.pop()
+                stack.extend(getattr(w, "children", ()))
+                for part in (getattr(w, "layout", None), getattr(w, "style", None), w):
+                    if isinstance(part, widgets.Widget):
+                        part.close()
+            self.layout.close()
+            super().close()
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any] | None:
         # Displayed (again): updates now belong to this cell's output area.
