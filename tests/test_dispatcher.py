@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import wait_until
 
@@ -172,6 +173,13 @@ def test_dict_result_becomes_columns_and_scalar_a_result_column(experiment) -> N
     assert r["name"].tolist()[1::2] == ["f0.txt", "f1.txt"]
     assert r["result"].tolist()[0::2] == [7, 7]
     assert (r["duration"] >= 0).all()
+
+
+def test_result_keys_clashing_with_columns_are_prefixed(experiment) -> None:
+    d = run_to_end(experiment(lambda instance: {"status": "mine", "error": 0, "x": 1}, n=1))
+    row = d.results.iloc[0]
+    assert row["status"] == "done" and pd.isna(row["error"])
+    assert (row["result_status"], row["result_error"], row["x"]) == ("mine", 0, 1)
 
 
 RETURNS: dict[str, tuple[Any, Any]] = {

@@ -266,3 +266,16 @@ def test_programmatic_experiment_validates_too(tmp_path: Path) -> None:
     with pytest.raises(alma.ConfigError, match="config"):
         alma.Experiment(needs_more, [tmp_path / "a.txt"], state=tmp_path / "s.sqlite")
     assert _listing(tmp_path) == before
+
+
+def test_the_same_file_under_two_spellings_is_one_instance(make_experiment, tmp_path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for n in ("a.txt", "b.txt"):
+        (data / n).write_text(n)
+    exp = make_experiment(
+        instances=["data/a.txt", "./data/a.txt", "data/../data/a.txt", "./data/*.txt"]
+    )
+    spec = alma.experiment.load(exp).spec
+    assert spec.instances == ("data/a.txt", "data/b.txt")
+    assert spec.paths == (str(data / "a.txt"), str(data / "b.txt"))

@@ -114,7 +114,15 @@ def _other_experiment(state: Path) -> None:
     shutil.copy(state.parent / "o.sqlite", state)
 
 
+def _newer_schema(state: Path) -> None:
+    db = sqlite3.connect(state)
+    db.execute("PRAGMA user_version=99")
+    db.commit()
+    db.close()
+
+
 REFUSED = {
+    "written by a newer alma": (_newer_schema, "newer alma"),
     "not SQLite": (_text_file, "not"),
     "SQLite of another program": (_foreign_sqlite, "another program"),
     "truncated": (_truncate, "corrupt"),
@@ -147,6 +155,16 @@ def test_unusable_state_is_refused_and_left_identical(
     assert str(state) in message and needle in message
     assert "will not overwrite" in message
     assert _no_pycache(tmp_path) == before
+
+
+def test_an_empty_state_file_is_a_new_state(make_experiment, tmp_path: Path) -> None:
+    """An empty file (e.g. from ``touch``) holds nothing to lose: alma uses it."""
+    exp = make_experiment()
+    state = tmp_path / "example.experiment.sqlite"
+    state.touch()
+    d = _run_to_end(exp)
+    assert d.progress.done == 6
+    assert state.read_bytes()[:16] == SQLITE_MAGIC
 
 
 def test_state_error_is_an_alma_error() -> None:
