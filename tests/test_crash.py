@@ -118,3 +118,50 @@ def test_kill_9_at_random_moments_loses_nothing_and_reruns_nothing(make_experime
     # Each committed result was produced by a process that logged that attempt.
     for i, it, pid in zip(r["instance"], r["iteration"], r["pid"], strict=True):
         assert (Path(i).name, int(it)) in by_pid[int(pid)]
+
+
+CHECKPOINTER = """
+import os, time
+
+HERE = os.path.dirname(__file__)
+
+def run(instance, save_callback, state):
+    step = 0 if state is None else state["step"]
+    with open(os.path.join(HERE, "saved.log"), "a") as f:
+        f.write(f"start {step}\\n")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        step += 1
+        save_callback({"step": step})
+        with open(os.path.join(HERE, "saved.log"), "a") as f:  # once save_callback returned
+            f.write(f"saved {step}\\n")
+        if os.path.exists(os.path.join(HERE, "go")):
+            return step
+        time.sleep(0.005)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_checkpoint_is_durable_once_save_callback_returns(make_experiment) -> None:
+    """After ``kill -9``, the run resumes from a checkpoint at least as recent as the last
+    save_callback that returned."""
+    exp = make_experiment(CHECKPOINTER, instances=1, iterations=1)
+    side = exp.parent / "saved.log"
+    proc = alma_popen("run", "-q", exp)
+    try:
+        deadline = time.monotonic() + 30
+        while not (side.exists() and side.read_text().count("saved") >= 20):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+    last_saved = max(int(x.split()[1]) for x in side.read_text().splitlines() if "saved" in x)
+    (exp.parent / "go").touch()
+    final = alma_cli("run", "-q", exp)
+    assert final.returncode == 0, final.stderr
+    starts = [int(x.split()[1]) for x in side.read_text().splitlines() if x.startswith("start")]
+    assert starts[0] == 0
+    assert starts[-1] >= last_saved  # nothing acknowledged was lost
+    assert alma.experiment.load(exp).results["result"].tolist() == [starts[-1] + 1]

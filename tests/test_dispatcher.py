@@ -577,3 +577,34 @@ def test_restart_after_a_stop_timeout_keeps_to_the_worker_count(experiment) -> N
     assert d.join(timeout=20) is True
     assert d.progress.done == 8
     assert peak[0] <= 2
+
+
+def test_status_transitions_and_join_timeout(experiment) -> None:
+    release = threading.Event()
+
+    def run(instance, save_callback, state, iteration):
+        while iteration == 0 and not release.is_set():
+            save_callback({})
+            time.sleep(0.005)
+        return iteration
+
+    d = experiment(run, n=1, iterations=3, workers=1)
+    assert (d.status, d.running, d.finished) == ("idle", False, False)
+    try:
+        d.start()
+        assert d.status == "running" and d.running
+        d.start()  # starting a running dispatcher does nothing
+        assert d.join(timeout=0.05) is False  # still going
+        assert d.stop(timeout=5) is True
+        assert (d.status, d.running, d.finished) == ("paused", False, False)
+        release.set()
+        d.start()
+        assert d.join(timeout=10) is True
+    finally:
+        release.set()
+    assert (d.status, d.running, d.finished) == ("finished", False, True)
+    p = d.progress
+    assert p.rate is not None and p.rate > 0 and p.elapsed > 0
+    assert "finished" in repr(d) and "3/3 done" in repr(d)
+    d.start()  # nothing owed: returns at once, runs nothing
+    assert not d.running and d.status == "finished"
