@@ -213,6 +213,20 @@ def test_timer_thread_ends_when_quiet_and_restarts_on_start(
     assert c._timer is not None and c._timer.is_alive() and c._timer is not timer
 
 
+def test_a_cell_that_starts_and_joins_refreshes_a_shown_controller(
+    tmp_path: Path, cleanup: list[Any]
+) -> None:
+    """`d.start(); d.join()` in a later cell: the shown controller must not stay stale."""
+    d = make_dispatcher(tmp_path, quick_run)
+    c = Controller(d)
+    cleanup += [c, d]
+    assert c.status_label.value == "idle"
+    d.start()
+    d.join(timeout=20)
+    controller_mod._after_cell()  # what IPython's post_run_cell event calls
+    wait_for(lambda: c.status_label.value == "finished")
+
+
 def test_close_ends_the_timer(tmp_path: Path, cleanup: list[Any]) -> None:
     d = make_dispatcher(tmp_path, slow_run, instances=1, iterations=1, workers=1)
     cleanup.append(d)

@@ -572,7 +572,11 @@ def _after_cell(*_args: Any) -> None:
     for c in list(_live):
         try:
             d = c.dispatcher
-            if d is not None and not c.closed and (d.running or c._last_status in _ACTIVE):
+            if d is None or c.closed:
+                continue
+            # Also redraw when a cell changed the state without the timer running, e.g.
+            # `d.start(); d.join()` in a later cell leaves a shown controller otherwise stale.
+            if d.running or c._last_status in _ACTIVE or d.status != c._last_status:
                 c._ensure_timer()
         except Exception:  # never let a UI problem surface in the user's cell
             log.debug("alma controller: waking the timer failed", exc_info=True)
