@@ -250,7 +250,9 @@ class DaskExecutor(Executor):
             receiver.start()
             token = f"{self._session}-{uuid.uuid4().hex[:8]}"
             window = IN_FLIGHT_PER_WORKER * self.workers
-            ac = distributed.as_completed(with_results=False, loop=client.loop)
+            # with_results: results are fetched on the client's event loop as tasks end,
+            # not by a blocking round trip per run from this thread.
+            ac = distributed.as_completed(with_results=True, raise_errors=False, loop=client.loop)
             meta: dict[str, tuple[Task, int]] = {}  # dask key -> (task, resubmits)
 
             def submit(task: Task, resubmits: int) -> None:
@@ -284,11 +286,11 @@ class DaskExecutor(Executor):
 
             refill()
             while not ac.is_empty():
-                for fut in ac.next_batch(block=True):
+                for fut, res in ac.next_batch(block=True):
                     task, resubmits = meta.pop(fut.key)
                     with self._lock:
                         self._futures.pop(fut.key, None)
-                    self._collect(source, task, fut, resubmits, distributed, submit)
+                    self._collect(source, task, fut, res, resubmits, distributed, submit)
                 refill()
         finally:
             if receiver is not None:
@@ -309,6 +311,7 @@ class DaskExecutor(Executor):
         source: RunSource,
         task: Task,
         fut: Any,
+        res: Any,
         resubmits: int,
         distributed: Any,
         submit: Callable[[Task, int], None],
@@ -316,14 +319,13 @@ class DaskExecutor(Executor):
         """Report, abandon or resubmit one finished future."""
         status = fut.status
         if status == "finished":
-            res = fut.result()
             if res[0] == "outcome":
                 self._untrack(task)
                 source.report(task, Outcome(*res[1:]))
                 return
             # "skipped" (the session stopped before it started) or "interrupted"
         elif status == "error" and not self._stopping:
-            exc = fut.exception()
+            exc = res[1] if isinstance(res, tuple) and len(res) == 3 else fut.exception()
             if isinstance(exc, distributed.KilledWorker) and resubmits < MAX_RESUBMITS:
                 log.warning("%s iteration %s: %s; resubmitting", task.instance, task.iteration, exc)
                 submit(task, resubmits + 1)  # with task.state: the latest checkpoint
