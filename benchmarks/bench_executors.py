@@ -180,7 +180,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs")
     parser.add_argument("--repeat", type=int, default=2, help="rounds; the best time counts")
     args = parser.parse_args()
-    files, iterations, steps = (12, 4, 20_000) if args.quick else (24, 5, 40_000)
+    files, iterations, steps = (12, 4, 40_000) if args.quick else (24, 5, 200_000)
     short_steps = 1_000
     total = files * iterations
 

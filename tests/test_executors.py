@@ -254,6 +254,41 @@ def test_processes_stop_aborts_runs_at_once(
     assert pd.isna(r.loc[f"data/{never_started}", "resumed"])
 
 
+def test_processes_stop_also_ends_what_a_run_started(
+    make_experiment: ExperimentFactory, dispatchers: list[Any]
+) -> None:
+    """A run that started a program (a solver) via subprocess: stop ends it too."""
+    exp = make_experiment(
+        """
+        import pathlib
+        import subprocess
+        import sys
+
+        def run(instance, save_callback, state):
+            solver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            pathlib.Path(f"{instance}.pid{solver.pid}").touch()
+            solver.wait()
+        """,
+        instances=1,
+        iterations=1,
+        executor="processes",
+    )
+    d = load(exp, dispatchers)
+    d.start()
+    wait_until(lambda: _pids(exp.parent / "data"), timeout=30)
+    (solver,) = _pids(exp.parent / "data")
+    assert d.stop(timeout=10) is True
+
+    def ended() -> bool:
+        try:
+            stat = Path(f"/proc/{solver}/stat").read_text()
+        except OSError:
+            return True
+        return stat.rsplit(")", 1)[1].split()[0] == "Z"  # ended, not yet reaped by init
+
+    wait_until(ended, timeout=5)
+
+
 TIMEOUT_RUN = """
 import time
 

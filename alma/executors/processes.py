@@ -117,8 +117,16 @@ class _Child:
         self.conn = conn
 
     def kill(self) -> None:
-        """End the process at once (safe to call twice, from any thread)."""
-        with contextlib.suppress(OSError):  # already gone
+        """End the process and whatever it started, at once (safe to call twice).
+
+        The child leads its own process group, so a solver a run started with
+        ``subprocess`` ends with it instead of running on as an orphan. Only before
+        the child is reaped: until then its pid, hence the group id, cannot be reused.
+        """
+        if self.proc.returncode is None:
+            with contextlib.suppress(OSError):  # already gone
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
             self.proc.kill()
 
     def reap(self) -> int | None:
@@ -288,6 +296,9 @@ class ProcessExecutor(Executor):
                     [sys.executable, "-c", _CHILD_CODE, str(child_sock.fileno())],
                     pass_fds=(child_sock.fileno(),),
                     stdin=subprocess.DEVNULL,
+                    # Its own process group: stop and timeouts end what a run started,
+                    # and Ctrl-C in a terminal reaches only the dispatcher, which decides.
+                    start_new_session=True,
                 )
             finally:
                 child_sock.close()
@@ -331,6 +342,8 @@ def _watch_parent() -> None:
         while True:
             time.sleep(1.0)
             if os.getppid() != parent:
+                with contextlib.suppress(OSError):  # with what the run started
+                    os.killpg(0, signal.SIGKILL)
                 os._exit(1)
 
     threading.Thread(target=watch, name="alma-parent-watch", daemon=True).start()
