@@ -13,6 +13,7 @@ Values are JSON text (results, checkpoints), never pickles.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -314,8 +315,13 @@ class Store:
         return n
 
     def close_writer(self) -> None:
-        """Close the writer connection (SQLite folds the WAL back into the file)."""
+        """Close the writer connection, folding the WAL back into the file first."""
         if self._writer is not None:
+            # SQLite folds the WAL in on close only for the last connection, and our own
+            # read-only reader is usually still open: without this, the .sqlite file alone
+            # (copied elsewhere) would miss the session. PASSIVE never waits for readers.
+            with contextlib.suppress(sqlite3.Error):  # if it fails, the WAL still holds all
+                self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
             self._writer.close()
             self._writer = None
 

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import listing, python_env, wait_until
+from conftest import alma_cli, listing, python_env, wait_until
 
 import alma
 import alma.experiment
@@ -64,6 +64,22 @@ def test_state_field_overrides_the_path(make_experiment, tmp_path: Path) -> None
     assert (tmp_path / "out" / "mine.db").read_bytes()[:16] == SQLITE_MAGIC
     assert not (tmp_path / "example.experiment.sqlite").exists()
     assert len(alma.experiment.load(exp).results) == 6
+
+
+def test_after_a_session_the_state_file_alone_holds_everything(
+    make_experiment, tmp_path: Path
+) -> None:
+    """Users copy ``example.experiment.sqlite`` around: once a session ended, that one
+    file must hold every result, without its ``-wal`` companion."""
+    exp = make_experiment(iterations=50)
+    out = alma_cli("run", "-q", exp)
+    assert out.returncode == 0, out.stderr
+    copy = tmp_path / "elsewhere"
+    copy.mkdir()
+    shutil.copy(tmp_path / "example.experiment.sqlite", copy / "example.experiment.sqlite")
+    db = sqlite3.connect(copy / "example.experiment.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 150
+    db.close()
 
 
 def test_results_are_json_not_pickles(make_experiment) -> None:
