@@ -7,6 +7,7 @@ the dispatcher into exactly the situation it checks.
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -191,6 +192,9 @@ RETURNS: dict[str, tuple[Any, Any]] = {
     "numpy 2d array": (np.ones((2, 2), dtype=np.int32), [[1, 1], [1, 1]]),
     "nested numpy": ([np.int8(1), {"x": np.float64(2.0)}], [1, {"x": 2.0}]),
     "string": ("hello", "hello"),
+    "set": ({3, 1, 2}, [1, 2, 3]),
+    "tuple": ((1, "a"), [1, "a"]),
+    "infinity": (float("inf"), float("inf")),
     "None": (None, None),
 }
 
@@ -608,3 +612,53 @@ def test_status_transitions_and_join_timeout(experiment) -> None:
     assert "finished" in repr(d) and "3/3 done" in repr(d)
     d.start()  # nothing owed: returns at once, runs nothing
     assert not d.running and d.status == "finished"
+
+
+def test_nan_result_is_kept(experiment) -> None:
+    d = run_to_end(experiment(lambda instance: float("nan"), n=1))
+    assert d.results["status"].tolist() == ["done"]
+    assert np.isnan(d.results["result"].iloc[0])
+
+
+def test_retry_resumes_from_the_failed_attempts_checkpoint(experiment, tmp_path: Path) -> None:
+    seen: list[Any] = []
+
+    def run(instance, save_callback, state):
+        seen.append(state)
+        if state is None:
+            save_callback({"progress": 41})
+            raise RuntimeError("flaky")
+        return state["progress"] + 1
+
+    d = run_to_end(experiment(run, n=1, retries=1))
+    assert seen == [None, {"progress": 41}]
+    row = d.results.iloc[0]
+    assert (row["status"], row["result"], row["attempts"]) == ("done", 42, 2)
+    db = sqlite3.connect(f"file:{d.state_path}?mode=ro", uri=True)
+    assert db.execute("SELECT COUNT(*) FROM checkpoints").fetchone()[0] == 0  # deleted
+    db.close()
+
+
+def test_retry_failed_starts_from_scratch(experiment) -> None:
+    seen: list[Any] = []
+
+    def run(instance, save_callback, state):
+        seen.append(state)
+        save_callback({"x": 1})
+        if len(seen) == 1:
+            raise RuntimeError("first time")
+        return "ok"
+
+    d = run_to_end(experiment(run, n=1))
+    assert d.progress.failed == 1
+    assert d.retry_failed() == 1
+    run_to_end(d)
+    assert seen == [None, None]  # the failed run's checkpoint was deleted
+    assert d.results["result"].tolist() == ["ok"]
+
+
+def test_results_ordered_by_instance_then_iteration(experiment) -> None:
+    d = run_to_end(experiment(lambda instance, iteration: iteration, n=3, iterations=3, workers=3))
+    r = d.results
+    assert r["iteration"].tolist() == [0, 1, 2] * 3
+    assert [Path(i).name for i in r["instance"]] == ["f0.txt"] * 3 + ["f1.txt"] * 3 + ["f2.txt"] * 3
