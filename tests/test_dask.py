@@ -367,3 +367,21 @@ def test_stop_on_external_scheduler_cancels_and_resumes(
     assert d.join(timeout=120) is True
     r = d.results
     assert len(r) == 12 and (r["status"] == "done").all()
+
+
+def test_local_cluster_that_cannot_start_is_reported(
+    make_experiment: ExperimentFactory, dispatchers: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("Nanny failed to start.")
+
+    monkeypatch.setattr(distributed, "LocalCluster", broken)
+    d = alma.experiment.load(make_experiment(executor="dask"))
+    dispatchers.append(d)
+    with pytest.warns(UserWarning, match="starting a local Dask cluster failed"):
+        d.start()
+        d.join(timeout=30)
+    assert not d.running and d.progress.done == 0
+    assert d.last_error is not None
+    assert "Nanny failed to start" in d.last_error.error
+    assert "__main__" in d.last_error.error

@@ -42,6 +42,7 @@ import logging
 import sys
 import sysconfig
 import threading
+import traceback
 import types
 import uuid
 import warnings
@@ -231,13 +232,12 @@ class DaskExecutor(Executor):
         queue: Any = None
         try:
             if self._client is None:
+                if self._stopping:
+                    return
                 try:
                     self._client = self._local_cluster(distributed)
                 except Exception as exc:
-                    log.exception("starting a local Dask cluster failed")
-                    warnings.warn(
-                        f"alma: starting a local Dask cluster failed: {exc!r}", stacklevel=1
-                    )
+                    self._cluster_failed(source, exc)
                     return
             client = self._client
             queue = distributed.Queue(f"{self._session}-ckpt", client=client)
@@ -305,6 +305,21 @@ class DaskExecutor(Executor):
             source.executor_done()
             self._end_session()
             self._shutdown()
+
+    def _cluster_failed(self, source: RunSource, exc: Exception) -> None:
+        """No cluster, no run: say why where front-ends look (last_error) and warn."""
+        message = (
+            f"starting a local Dask cluster failed: {type(exc).__name__}: {exc}. Dask "
+            "starts its workers by re-importing your __main__: in a script, put the code "
+            'that starts the experiment under if __name__ == "__main__":.'
+        )
+        log.error("%s", message, exc_info=exc)
+        warnings.warn(f"alma: {message}", stacklevel=1)
+        if hasattr(source, "last_error"):  # the Dispatcher: shown by the controller and CLI
+            from ..dispatcher import RunError
+
+            tb = "".join(traceback.format_exception(exc))
+            source.last_error = RunError("", -1, message, tb)
 
     def _collect(
         self,
