@@ -90,8 +90,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     dispatcher = _load(args.experiment)
     p = dispatcher.progress
     print(dispatcher.state.to_string(index=False))
+    elsewhere = dispatcher.running_elsewhere
+    status = f"running in another process ({elsewhere})" if elsewhere else p.status
     print(
-        f"\n{p.status}: {p.done}/{p.total} done, {p.failed} failed, {p.pending} pending"
+        f"\n{status}: {p.done}/{p.total} done, {p.failed} failed, {p.pending} pending"
         f"  (state: {dispatcher.state_path})"
     )
     return EXIT_OK

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 #: Seconds between group commits of finished runs.
 COMMIT_INTERVAL = 0.005
+#: Finished runs that may wait for a commit before workers are held back.
+MAX_QUEUED_RUNS = 20_000
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,11 @@ class Dispatcher:
     def running(self) -> bool:
         """True while runs execute or wind down (running or stopping)."""
         return self._active
+
+    @property
+    def running_elsewhere(self) -> str | None:
+        """Which process runs this experiment, when another one does (else None)."""
+        return self._oslock.holder()
 
     @property
     def finished(self) -> bool:
@@ -564,6 +571,10 @@ class _Writer:
 
     def put_run(self, row: RunRow, drop_checkpoint: bool) -> None:
         with self._cond:
+            # Back-pressure: runs finishing faster than SQLite commits them wait here
+            # rather than piling up in memory.
+            while len(self._runs) >= MAX_QUEUED_RUNS and self._thread.is_alive():
+                self._cond.wait(0.1)
             self._runs.append(row)
             if drop_checkpoint:
                 self._drop.append((row[0], row[1]))
@@ -618,6 +629,7 @@ class _Writer:
                     self._cond.wait(COMMIT_INTERVAL)
                 runs, drop, ckpts, calls = self._runs, self._drop, self._ckpts, self._calls
                 self._runs, self._drop, self._ckpts, self._calls = [], [], [], []
+                self._cond.notify_all()  # wakes producers held by back-pressure
                 seq, self._urgent = self._queued, False
                 closing = self._closing
             try:

@@ -34,9 +34,15 @@ class ExperimentLock:
         if self._fd is not None:
             return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for attempt in range(5):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # A reader's holder() probe holds a shared lock for microseconds.
+                if attempt < 4:
+                    time.sleep(0.01)
+        else:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise LockedError(
@@ -50,6 +56,22 @@ class ExperimentLock:
             fd, f"pid {os.getpid()} on host {socket.gethostname()}, since {stamp}\n".encode(), 0
         )
         self._fd = fd
+
+    def holder(self) -> str | None:
+        """Who holds the lock, when another process (or dispatcher) does; else None."""
+        if self._fd is not None:
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDONLY)  # never creates the file: reading only
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)  # also drops the probe's shared lock
+        return None
 
     def release(self) -> None:
         """Release the lock (closing the descriptor releases the flock)."""

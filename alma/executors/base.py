@@ -10,6 +10,7 @@ the same on every executor.
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from abc import ABC, abstractmethod
@@ -119,6 +120,17 @@ def to_json(obj: Any) -> str:
     return json.dumps(obj, default=_json_default, separators=(",", ":"))
 
 
+_ALMA_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback from the user's code down: alma's own calling frames are noise."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_ALMA_DIR):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
 def execute(
     caller: Callable[[str, Any, Any, int], Any],
     task: Task,
@@ -152,7 +164,7 @@ def execute(
                 "failed",
                 None,
                 f"{type(exc).__name__}: {exc}",
-                traceback.format_exc(),
+                _user_traceback(exc),
                 attempt,
                 time.perf_counter() - start,
             )
