@@ -48,6 +48,12 @@ def test_second_process_gets_locked_error_naming_pid_and_host(make_experiment, d
         assert f"pid {os.getpid()}" in out.stderr
         assert socket.gethostname() in out.stderr
         assert "already running" in out.stderr
+        # Forgetting results is writing: refused too, and nothing is deleted.
+        for args in (("reset", "--yes", exp), ("reset", "--failed", exp)):
+            reset = alma_cli(*args)
+            assert reset.returncode == 4, reset.stderr
+            assert f"pid {os.getpid()}" in reset.stderr
+        assert len(d.results) >= 3
         # Reading stays allowed meanwhile, from another process too.
         status = alma_cli("status", exp)
         assert status.returncode == 0, status.stderr
