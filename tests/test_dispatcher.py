@@ -345,9 +345,9 @@ def test_round_robin_resumes_with_the_lowest_iteration_owed(experiment) -> None:
 
     def run(instance, iteration):
         calls.append((Path(instance).name, iteration))
-        if len(calls) == 4:
+        if len(calls) == 4:  # the 4th run ends only once the stop was asked
             gate.set()
-            time.sleep(0.05)
+            wait_until(lambda: d.status == "stopping")
 
     d = experiment(run, n=3, iterations=3, workers=1)
     d.start()
