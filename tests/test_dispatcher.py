@@ -345,7 +345,7 @@ def test_round_robin_resumes_with_the_lowest_iteration_owed(experiment) -> None:
 
     def run(instance, iteration):
         calls.append((Path(instance).name, iteration))
-        if len(calls) == 4:  # the 4th run ends only once the stop was asked
+        if len(calls) == 4 and not gate.is_set():  # ends only once the stop was asked
             gate.set()
             wait_until(lambda: d.status == "stopping")
 
@@ -357,6 +357,7 @@ def test_round_robin_resumes_with_the_lowest_iteration_owed(experiment) -> None:
     calls.clear()
     run_to_end(d)
     assert calls == [("f1.txt", 1), ("f2.txt", 1), ("f0.txt", 2), ("f1.txt", 2), ("f2.txt", 2)]
+    assert d.progress.done == 9 and (d.results["status"] == "done").all()
 
 
 # -- failures -------------------------------------------------------------------------------
