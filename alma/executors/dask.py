@@ -62,8 +62,11 @@ IN_FLIGHT_PER_WORKER = 2
 #: Times alma resubmits a run that Dask gave up on (KilledWorker) before failing it.
 MAX_RESUBMITS = 2
 #: Seconds a worker waits for the dispatcher to commit a checkpoint before giving up
-#: (the dispatcher's process is gone): the run is then abandoned, as by a stop.
+#: (the dispatcher's process is gone): the run is then abandoned, as by a stop. It
+#: gives up sooner when Dask cancelled the task (the dispatcher's client went away).
 CHECKPOINT_ACK_TIMEOUT = 300.0
+#: Seconds between checks, while waiting, that the task is still wanted.
+_ACK_POLL = 10.0
 
 _INSTALL_HINT = 'Install it with: pip install "pyalma[dask]"'
 
@@ -470,6 +473,27 @@ def _forget_session(session: str) -> None:
             queue.close()
 
 
+def _wait_answer(reply: Any, key: str) -> str:
+    """The dispatcher's answer to a checkpoint, or "stop" once nobody will store it."""
+    import distributed
+
+    waited = 0.0
+    while waited < CHECKPOINT_ACK_TIMEOUT:
+        try:
+            return str(reply.get(timeout=_ACK_POLL))
+        except TimeoutError:
+            waited += _ACK_POLL
+        except Exception:  # the scheduler is gone
+            return "stop"
+        try:  # a dispatcher killed with -9: its client left, Dask cancelled this task
+            ts = distributed.get_worker().state.tasks.get(key)
+        except Exception:
+            ts = None
+        if ts is None or ts.state in ("cancelled", "released", "forgotten"):
+            return "stop"
+    return "stop"
+
+
 def _caller(token: str, payload: tuple[str, Any]) -> Callable[..., Any]:
     caller = _CALLERS.get(token)
     if caller is None:
@@ -513,10 +537,7 @@ def _dask_run(
             if queue is None:
                 queue = _QUEUES[session] = distributed.Queue(f"{session}-ckpt", client=client)
             queue.put([reply.name, run_key[0], run_key[1], text])
-            try:
-                answer = reply.get(timeout=CHECKPOINT_ACK_TIMEOUT)
-            except Exception:  # the dispatcher is gone: nobody will store this run
-                answer = "stop"
+            answer = _wait_answer(reply, key)
             if answer != "ok":
                 raise Interrupted(f"{path} iteration {iteration}: stopped")
 
