@@ -304,3 +304,23 @@ def test_glob_table_of_the_batch_docs(
     (tmp_path / "data" / "folder.txt").mkdir()  # a folder matching a pattern is skipped
     exp = make_experiment(instances=entries)
     assert list(alma.experiment.load(exp).spec.instances) == expected
+
+
+def test_programmatic_experiment_with_globs_or_a_batch(
+    make_experiment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_experiment(instances=3, folder="proj")  # proj/data/file{0,1,2}.txt, proj/example.batch
+    monkeypatch.chdir(tmp_path / "proj")
+
+    def run(instance):
+        return 1
+
+    by_glob = alma.Experiment(run, ["data/*.txt"], state=tmp_path / "a.sqlite")
+    assert by_glob.spec.instances == ("data/file0.txt", "data/file1.txt", "data/file2.txt")
+    monkeypatch.chdir(tmp_path)  # a batch resolves against its own folder, not the cwd
+    by_batch = alma.Experiment(run, batch="proj/example.batch", state=tmp_path / "b.sqlite")
+    assert by_batch.spec.paths == by_glob.spec.paths
+    assert by_batch.spec.name == "b"  # named after the state file by default
+    with pytest.raises(alma.ConfigError, match="exactly one"):
+        alma.Experiment(run, ["proj/data/*.txt"], batch="proj/example.batch")
+    assert not (tmp_path / "alma.sqlite").exists()
