@@ -10,9 +10,11 @@ How a run travels:
 * The run function goes to workers with cloudpickle, **by value** for code that is
   not an installed package (an experiment's run module, a notebook cell), so workers
   need pyalma and the run's imports installed, but not the run module's file.
-* At most ``2 × workers`` runs are submitted at a time (a bounded window, refilled as
-  runs complete via ``distributed.as_completed``), so a stop never has thousands of
-  queued tasks to cancel and the plan order is kept.
+* A bounded window of runs is submitted at a time, refilled as runs complete (via
+  ``distributed.as_completed``), so a stop never has thousands of queued tasks to
+  cancel and the plan order is kept. It is ``2 × workers``, grown up to
+  ``16 × workers`` for short runs, so that the queue covers the round trip between
+  the dispatcher and the scheduler (``REFILL_LATENCY``) and workers never idle.
 * Checkpoints: ``save_callback`` on a worker puts the JSON text on a per-session
   ``distributed.Queue`` (through the scheduler) and waits on a per-run reply queue.
   The dispatcher's side commits it and answers "ok", or "stop" when a stop was asked,
@@ -39,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import linecache
 import logging
+import math
 import sys
 import sysconfig
 import threading
@@ -57,8 +60,13 @@ log = logging.getLogger(__name__)
 
 #: Seconds to wait for an external scheduler before giving up with a clear error.
 CONNECT_TIMEOUT = 10.0
-#: Runs submitted ahead, per worker: enough to keep workers busy between round trips.
+#: Runs submitted ahead, per worker: at least enough to keep workers busy between
+#: round trips, more for short runs (up to the maximum), see REFILL_LATENCY.
 IN_FLIGHT_PER_WORKER = 2
+MAX_IN_FLIGHT_PER_WORKER = 16
+#: Seconds of work to keep queued per worker: a completed run's refill takes a round
+#: trip through the scheduler, and a worker should not idle meanwhile.
+REFILL_LATENCY = 0.05
 #: Times alma resubmits a run that Dask gave up on (KilledWorker) before failing it.
 MAX_RESUBMITS = 2
 #: Seconds a worker waits for the dispatcher to commit a checkpoint before giving up
@@ -253,39 +261,50 @@ class DaskExecutor(Executor):
             receiver.start()
             token = f"{self._session}-{uuid.uuid4().hex[:8]}"
             window = IN_FLIGHT_PER_WORKER * self.workers
+            mean = None  # moving average of run durations, sizes the window
             # with_results: results are fetched on the client's event loop as tasks end,
             # not by a blocking round trip per run from this thread.
             ac = distributed.as_completed(with_results=True, raise_errors=False, loop=client.loop)
             meta: dict[str, tuple[Task, int]] = {}  # dask key -> (task, resubmits)
 
-            def submit(task: Task, resubmits: int) -> None:
-                key = f"alma-run-{self._session}-{task.key[0]}-{task.key[1]}-{resubmits}"
-                fut = client.submit(
+            def submit_many(tasks: list[tuple[Task, int]]) -> None:
+                # One client.map for a batch: one graph update instead of one per run.
+                keys = [f"alma-run-{self._session}-{t.key[0]}-{t.key[1]}-{n}" for t, n in tasks]
+                n = len(tasks)
+                futures = client.map(
                     _dask_run,
-                    self._session,
-                    token,
-                    payload,
-                    key,
-                    task.key,
-                    task.path,
-                    task.iteration,
-                    task.state,
-                    self.retries,
-                    key=key,
+                    [self._session] * n,
+                    [token] * n,
+                    [payload] * n,
+                    keys,
+                    [t.key for t, _ in tasks],
+                    [t.path for t, _ in tasks],
+                    [t.iteration for t, _ in tasks],
+                    [t.state for t, _ in tasks],
+                    [self.retries] * n,
+                    key=keys,
                     pure=False,
                 )
                 with self._lock:
-                    self._futures[key] = fut
-                    self._tasks[task.key] = task
-                meta[key] = (task, resubmits)
-                ac.add(fut)
+                    for key, fut, (task, _) in zip(keys, futures, tasks, strict=True):
+                        self._futures[key] = fut
+                        self._tasks[task.key] = task
+                for key, item in zip(keys, tasks, strict=True):
+                    meta[key] = item
+                ac.update(futures)
+
+            def submit(task: Task, resubmits: int) -> None:
+                submit_many([(task, resubmits)])
 
             def refill() -> None:
-                while len(meta) < window and not self._stopping:
+                batch: list[tuple[Task, int]] = []
+                while len(meta) + len(batch) < window and not self._stopping:
                     task = source.next_task()
                     if task is None:
-                        return
-                    submit(task, 0)
+                        break
+                    batch.append((task, 0))
+                if batch:
+                    submit_many(batch)
 
             refill()
             while not ac.is_empty():
@@ -294,6 +313,14 @@ class DaskExecutor(Executor):
                     with self._lock:
                         self._futures.pop(fut.key, None)
                     self._collect(source, task, fut, res, resubmits, distributed, submit)
+                    if fut.status == "finished" and res[0] == "outcome":
+                        d = res[6] / res[5]  # seconds per attempt
+                        mean = d if mean is None else 0.8 * mean + 0.2 * d
+                        per_worker = math.ceil(REFILL_LATENCY / max(mean, 1e-4))
+                        per_worker = min(
+                            max(per_worker, IN_FLIGHT_PER_WORKER), MAX_IN_FLIGHT_PER_WORKER
+                        )
+                        window = per_worker * self.workers
                 refill()
         finally:
             if receiver is not None:
