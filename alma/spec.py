@@ -146,6 +146,14 @@ def expand_instances(
             'Write for example "instances": ["data/a.txt", "data/*.txt"].',
         )
     names: dict[str, str] = {}
+    seen: set[str] = set()
+
+    def add(name: str, path: str) -> None:
+        # A file is one instance however it is spelt ("a.txt", "./a.txt", a glob).
+        if path not in seen:
+            seen.add(path)
+            names.setdefault(name, path)
+
     for i, entry in enumerate(entries):
         if isinstance(entry, os.PathLike):
             entry = os.fspath(entry)
@@ -167,7 +175,7 @@ def expand_instances(
                     "Fix the pattern or remove it.",
                 )
             for m in matches:
-                names.setdefault(Path(m).as_posix(), str((base / m).resolve()))
+                add(Path(m).as_posix(), str((base / m).resolve()))
         else:
             full = base / entry
             if not full.is_file():
@@ -177,7 +185,7 @@ def expand_instances(
                     f"entry {i}, {entry!r}, is not a file (looked for {full})",
                     "Fix the path or remove the entry.",
                 )
-            names.setdefault(entry, str(full.resolve()))
+            add(entry, str(full.resolve()))
     if not names:
         raise _fail(where, "instances", "the list is empty", "List at least one file.")
     return tuple(names), tuple(names.values())

@@ -268,11 +268,6 @@ def test_programmatic_experiment_validates_too(tmp_path: Path) -> None:
     assert _listing(tmp_path) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design question: docs/batch.md recognises duplicates by name, so one file "
-    "spelt two ways ('data/a.txt', './data/a.txt') is run twice",
-)
 def test_the_same_file_under_two_spellings_is_one_instance(make_experiment, tmp_path) -> None:
     data = tmp_path / "data"
     data.mkdir()
