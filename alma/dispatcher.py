@@ -156,6 +156,8 @@ class Dispatcher:
             if self._active and not self._stopping:
                 return
             if not self._active:
+                if self.finished:  # nothing owed: no session, no lock, no write
+                    return
                 self._open_session()
             self._stopping = False
             plan = self._build_plan()
