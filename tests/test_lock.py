@@ -58,10 +58,12 @@ def test_second_process_gets_locked_error_naming_pid_and_host(make_experiment, d
         status = alma_cli("status", exp)
         assert status.returncode == 0, status.stderr
         assert "data/file0.txt" in status.stdout
+        assert f"running in another process (pid {os.getpid()}" in status.stdout
         assert d.running
     finally:
         (exp.parent / "release").touch()
     assert d.join(timeout=30)
+    assert "running in another process" not in alma_cli("status", exp).stdout
 
 
 def test_second_dispatcher_in_this_process_is_locked_out(make_experiment, dispatchers) -> None:
