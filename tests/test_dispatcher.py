@@ -382,6 +382,7 @@ def test_failure_recorded_with_type_message_traceback(make_experiment, dispatche
     assert set(failed["error"]) == {"ValueError: bad input 1"}
     for tb in failed["traceback"]:
         assert "Traceback" in tb and "raise ValueError" in tb and "example.py" in tb
+        assert "alma/" not in tb  # it starts at the user's code, not alma's call frames
     assert (r[r["status"] == "done"]["error"].isna()).all()
     p = d.progress
     assert (p.done, p.failed, p.pending) == (4, 2, 0)
