@@ -1,6 +1,6 @@
 """Executors beyond threads, side by side with their peers, on the same CPU-bound work.
 
-Run it with ``python benchmarks/bench_executors.py`` (about a minute on 2 cores; add
+Run it with ``python benchmarks/bench_executors.py`` (70-90 s on 2 cores; add
 ``--quick`` for a smaller version). It prints a table of throughputs and ratios.
 
 The work: a randomized local search for number partitioning (split a file's numbers

@@ -430,20 +430,33 @@ def test_executor_options_are_validated(
         alma.experiment.load(exp)
 
 
-def test_processes_workers_end_when_the_dispatcher_process_is_killed(tmp_path: Path) -> None:
-    """kill -9 of the kernel or script: its worker processes do not run on as orphans."""
+KILLED_SCRIPT_RUN = """
+import os, pathlib, time
+
+def run(instance, save_callback, state):
+    if state is not None:
+        return {"resumed_from": state["phase"]}
+    save_callback({"phase": "before the kill"})
+    pathlib.Path(f"{instance}.pid{os.getpid()}").touch()
+    time.sleep(120)
+"""
+
+
+def test_processes_kill_9_of_the_dispatcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dispatchers: list[Any]
+) -> None:
+    """kill -9 of the kernel or script: its worker processes do not run on as orphans,
+    and the experiment resumes from the state file with the checkpoints saved before."""
     for i in range(2):
         (tmp_path / f"f{i}.txt").write_text("x")
+    (tmp_path / "runmod.py").write_text(KILLED_SCRIPT_RUN)
     script = tmp_path / "script.py"
     script.write_text(
         textwrap.dedent(
             """
-            import os, pathlib, time
+            import time
             import alma
-
-            def run(instance, save_callback, state):
-                pathlib.Path(f"{instance}.pid{os.getpid()}").touch()
-                time.sleep(120)
+            from runmod import run
 
             exp = alma.Experiment(run=run, instances=["f*.txt"], workers=2,
                                   executor="processes", state="s.sqlite")
@@ -475,3 +488,19 @@ def test_processes_workers_end_when_the_dispatcher_process_is_killed(tmp_path: P
         return True
 
     wait_until(gone, timeout=10, interval=0.1)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import runmod  # type: ignore[import-not-found]
+
+    monkeypatch.setitem(sys.modules, "runmod", runmod)  # removed again at teardown
+
+    d = alma.Experiment(
+        run=runmod.run, instances=["f*.txt"], workers=2, executor="processes", state="s.sqlite"
+    )
+    dispatchers.append(d)
+    d.start()
+    assert d.join(timeout=60) is True
+    r = d.results
+    assert len(r) == 2 and (r["status"] == "done").all()
+    assert (r["resumed_from"] == "before the kill").all()
