@@ -504,3 +504,51 @@ def test_processes_kill_9_of_the_dispatcher(
     r = d.results
     assert len(r) == 2 and (r["status"] == "done").all()
     assert (r["resumed_from"] == "before the kill").all()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("executor_name", ["processes", "dask"])
+def test_run_defined_in_a_kernel_cell(tmp_path: Path, executor_name: str) -> None:
+    """The notebook case: a run function (and a helper) defined in cells of a real
+    kernel reach worker processes, which cannot import the notebook."""
+    if executor_name == "dask":
+        pytest.importorskip("distributed")
+    from jupyter_client.manager import start_new_kernel
+
+    for i in range(3):
+        (tmp_path / f"g{i}.txt").write_text("y" * (i + 1))
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path), env=python_env())
+    try:
+        cells = [
+            "import json, os\nimport alma\nWEIGHT = 3",
+            "def weigh(path):\n    return os.path.getsize(path) * WEIGHT",
+            "def run(instance, save_callback, state, iteration):\n"
+            "    save_callback({'seen': True})\n"
+            "    return {'w': weigh(instance) + iteration, 'pid': os.getpid()}",
+            f"exp = alma.Experiment(run=run, instances=['g*.txt'], iterations=2, workers=2,\n"
+            f"                      executor={executor_name!r}, state='k.sqlite')\n"
+            "exp.start()\nassert exp.join(timeout=120)\nr = exp.results\n"
+            "print(json.dumps({'w': sorted(r['w'].tolist()), 'pids': sorted(set(r['pid'])),\n"
+            "                  'me': os.getpid(), 'status': sorted(set(r['status']))}))\n"
+            "exp.close()",
+        ]
+        out: list[str] = []
+        for code in cells:
+            reply = kc.execute_interactive(
+                code,
+                timeout=150,
+                output_hook=lambda msg: (
+                    out.append(msg["content"].get("text", ""))
+                    if msg["msg_type"] == "stream"
+                    else None
+                ),
+            )
+            assert reply["content"]["status"] == "ok", reply["content"]
+        got = json.loads("".join(out).strip().splitlines()[-1])
+        assert got["w"] == [3, 4, 6, 7, 9, 10]
+        assert got["status"] == ["done"]
+        assert got["me"] not in got["pids"]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
