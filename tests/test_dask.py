@@ -385,3 +385,45 @@ def test_local_cluster_that_cannot_start_is_reported(
     assert d.last_error is not None
     assert "Nanny failed to start" in d.last_error.error
     assert "__main__" in d.last_error.error
+
+
+def test_direct_checkpoint_channel_needs_the_secret() -> None:
+    """The dispatcher's direct channel answers only a worker that knows the session's
+    secret, and only parses JSON (never unpickles what arrives on the network)."""
+    from multiprocessing.connection import Connection
+
+    from alma.executors.dask import _CheckpointServer
+
+    seen: list[tuple[int, int, str]] = []
+
+    def handler(inst: int, it: int, state: str) -> str:
+        seen.append((inst, it, state))
+        return "ok"
+
+    server = _CheckpointServer.open("127.0.0.1", handler)
+    assert server is not None
+    host, port, secret = server.channel
+
+    def connect(hello: bytes) -> Connection:
+        sock = socket.create_connection((host, port), timeout=5)
+        sock.setblocking(True)
+        conn = Connection(sock.detach())
+        conn.send_bytes(hello)
+        return conn
+
+    try:
+        for hello in [json.dumps({"secret": "wrong"}).encode(), b"\x80\x04not json"]:
+            intruder = connect(hello)
+            intruder.send_bytes(json.dumps([1, 2, '{"x": 1}']).encode())
+            with pytest.raises((EOFError, OSError)):
+                assert intruder.poll(5)
+                intruder.recv_bytes()
+            intruder.close()
+        assert seen == []
+        worker = connect(json.dumps({"secret": secret}).encode())
+        worker.send_bytes(json.dumps([1, 2, '{"x": 1}']).encode())
+        assert worker.poll(5) and worker.recv_bytes() == b"ok"
+        worker.close()
+        assert seen == [(1, 2, '{"x": 1}')]
+    finally:
+        server.close()

@@ -26,14 +26,25 @@ from conftest import ExperimentFactory, python_env, wait_until
 import alma
 import alma.experiment
 
-EXECUTORS = ["threads", "processes", "dask"]
+EXECUTORS = [
+    "threads",
+    "processes",
+    "dask",
+    # Checkpoints through the scheduler's queues, as when workers cannot connect back.
+    pytest.param("dask-queues", marks=pytest.mark.slow),
+]
 
 
 @pytest.fixture(params=EXECUTORS)
-def executor(request: pytest.FixtureRequest) -> Any:
+def executor(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The ``"executor"`` value of an experiment; dask is a LocalCluster of ``workers``."""
-    if request.param == "dask":
+    if request.param.startswith("dask"):
         pytest.importorskip("distributed")
+    if request.param == "dask-queues":
+        from alma.executors import dask as dask_executor
+
+        monkeypatch.setattr(dask_executor, "DIRECT_CHECKPOINTS", False)
+        return "dask"
     return request.param
 
 
