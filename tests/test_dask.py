@@ -427,3 +427,39 @@ def test_direct_checkpoint_channel_needs_the_secret() -> None:
         assert seen == [(1, 2, '{"x": 1}')]
     finally:
         server.close()
+
+
+def test_stop_cancels_unstarted_runs_and_keeps_finishing_ones(
+    make_experiment: ExperimentFactory, dispatchers: list[Any]
+) -> None:
+    """With runs that never checkpoint: stop cancels the submitted runs that have not
+    started (they never call run), and the running ones end with their result kept,
+    as with threads."""
+    exp = make_experiment(
+        """
+        import os
+        import pathlib
+        import time
+
+        def run(instance, save_callback, state):
+            pathlib.Path(f"{instance}.started{os.getpid()}").touch()
+            time.sleep(1.5)
+            return "finished"
+        """,
+        instances=6,
+        iterations=1,
+        workers=2,
+        executor="dask",
+    )
+    d = alma.experiment.load(exp)
+    dispatchers.append(d)
+    data = exp.parent / "data"
+    d.start()
+    wait_until(lambda: len(list(data.glob("*.started*"))) == 2, timeout=60)
+    assert d.progress.running == 4  # two running, two submitted ahead
+    assert d.stop(timeout=30) is True
+    started = list(data.glob("*.started*"))
+    assert len(started) == 2  # the two submitted ahead were cancelled, never ran
+    r = d.results
+    assert len(r) == 2 and (r["result"] == "finished").all()
+    assert d.progress.pending == 4
