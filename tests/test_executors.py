@@ -563,3 +563,28 @@ def test_run_defined_in_a_kernel_cell(tmp_path: Path, executor_name: str) -> Non
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_processes_run_that_workers_cannot_load_fails_its_runs_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dispatchers: list[Any]
+) -> None:
+    """A function importable here but not in a fresh process (its module file is gone):
+    each run fails with the import error instead of hanging or killing the session."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "vanishing.py").write_text(
+        "def run(instance, save_callback, state):\n    return 1\n"
+    )
+    import vanishing  # type: ignore[import-not-found]
+
+    monkeypatch.setitem(sys.modules, "vanishing", vanishing)
+    (tmp_path / "vanishing.py").unlink()
+    d = alma.Experiment(run=vanishing.run, instances=["a.txt"], iterations=2, executor="processes")
+    dispatchers.append(d)
+    d.start()
+    assert d.join(timeout=60) is True
+    r = d.results
+    assert (r["status"] == "failed").all() and len(r) == 2
+    assert r["error"].str.contains("could not load the run function").all()
+    assert r["error"].str.contains("ModuleNotFoundError: No module named 'vanishing'").all()
