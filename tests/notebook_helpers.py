@@ -1,17 +1,18 @@
 """Helpers for the notebook front-end tests (controller, magics, real kernels).
 
-Kept out of conftest.py on purpose (that file belongs to the engine tests); tests
-import what they need from here.
+Kept out of conftest.py so that file stays about the engine; tests import what they
+need from here.
 """
 
 from __future__ import annotations
 
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from conftest import wait_until
 
 import alma
 
@@ -19,17 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 NOTEBOOKS = REPO / "notebooks"
 
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
-    """Poll ``predicate`` until truthy; fail with a clear message after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
-        time.sleep(interval)
+#: One deadline-bounded poll for every test (defined in conftest.py).
+wait_for = wait_until
 
 
 def make_dispatcher(
