@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import traceback
 from abc import ABC, abstractmethod
@@ -92,6 +93,25 @@ class Executor(ABC):
     @abstractmethod
     def start(self, source: RunSource) -> None:
         """Begin executing tasks pulled from ``source``; must not block."""
+
+    def start_threads(self, source: RunSource, loop: Callable[[], None], name: str) -> None:
+        """Run ``loop`` in ``self.workers`` daemon threads; when the last one ends, however
+        it ends, call ``source.executor_done()`` (the contract of :meth:`start`)."""
+        alive = [self.workers]
+        lock = threading.Lock()
+
+        def body() -> None:
+            try:
+                loop()
+            finally:
+                with lock:
+                    alive[0] -= 1
+                    last = alive[0] == 0
+                if last:
+                    source.executor_done()
+
+        for n in range(self.workers):
+            threading.Thread(target=body, name=f"{name}-{n}", daemon=True).start()
 
     def stop(self) -> None:  # noqa: B027 - optional hook
         """A stop was asked (``source.stopping`` is already True). Abort if you can."""

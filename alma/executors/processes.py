@@ -160,7 +160,6 @@ class ProcessExecutor(Executor):
             )
         # Pickling problems surface here, in start(), before any run is handed out.
         self._payload = run_payload(self.run)
-        alive = [self.workers]
 
         def drive() -> None:
             child: _Child | None = None
@@ -181,14 +180,8 @@ class ProcessExecutor(Executor):
                 if child is not None:
                     self._forget(child)
                     child.reap()
-                with self._lock:
-                    alive[0] -= 1
-                    last = alive[0] == 0
-                if last:
-                    source.executor_done()
 
-        for n in range(self.workers):
-            threading.Thread(target=drive, name=f"alma-process-driver-{n}", daemon=True).start()
+        self.start_threads(source, drive, "alma-process-driver")
 
     def stop(self) -> None:
         """Kill every worker process now; their drivers abandon the runs (owed again)."""

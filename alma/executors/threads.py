@@ -7,8 +7,6 @@ stop is cooperative, through ``save_callback`` raising :class:`~alma.errors.Inte
 
 from __future__ import annotations
 
-import threading
-
 from ..errors import Interrupted
 from ..spec import make_caller
 from .base import Executor, RunSource, execute
@@ -22,24 +20,14 @@ class ThreadExecutor(Executor):
 
     def start(self, source: RunSource) -> None:
         caller = make_caller(self.run)
-        alive = [self.workers]
-        lock = threading.Lock()
 
         def work() -> None:
-            try:
-                while (task := source.next_task()) is not None:
-                    try:
-                        outcome = execute(caller, task, source.checkpoint, self.retries)
-                    except Interrupted:
-                        source.abandon(task)
-                    else:
-                        source.report(task, outcome)
-            finally:
-                with lock:
-                    alive[0] -= 1
-                    last = alive[0] == 0
-                if last:
-                    source.executor_done()
+            while (task := source.next_task()) is not None:
+                try:
+                    outcome = execute(caller, task, source.checkpoint, self.retries)
+                except Interrupted:
+                    source.abandon(task)
+                else:
+                    source.report(task, outcome)
 
-        for n in range(self.workers):
-            threading.Thread(target=work, name=f"alma-worker-{n}", daemon=True).start()
+        self.start_threads(source, work, "alma-worker")
