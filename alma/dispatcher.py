@@ -109,6 +109,14 @@ class Dispatcher:
         self._session_finished = 0
         self.last_error: RunError | None = None
         self._refresh_counts()
+        name, _ = spec.executor
+        if spec.timeout is not None and not executor_class(name).enforces_timeout:
+            warnings.warn(
+                f'{spec.name}: "timeout": {spec.timeout:g} is not enforced by the {name} '
+                "executor (a run there cannot be ended from outside); use "
+                '"executor": "processes" to enforce it.',
+                stacklevel=3,
+            )
         previous = self._store.last_session_code()
         if previous is not None and previous != spec.code_hash:
             warnings.warn(

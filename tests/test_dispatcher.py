@@ -10,6 +10,7 @@ import json
 import sqlite3
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -664,3 +665,15 @@ def test_results_ordered_by_instance_then_iteration(experiment) -> None:
     r = d.results
     assert r["iteration"].tolist() == [0, 1, 2] * 3
     assert [Path(i).name for i in r["instance"]] == ["f0.txt"] * 3 + ["f1.txt"] * 3 + ["f2.txt"] * 3
+
+
+def test_timeout_that_the_executor_cannot_enforce_is_warned_about(tmp_path: Path) -> None:
+    f = tmp_path / "a.txt"
+    f.write_text("a")
+    with pytest.warns(UserWarning, match='"timeout": 5 is not enforced by the threads'):
+        alma.Experiment(run=len, instances=[f], timeout=5, state=tmp_path / "t.sqlite")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # processes end a run over time: nothing to say
+        alma.Experiment(
+            run=len, instances=[f], timeout=5, executor="processes", state=tmp_path / "p.sqlite"
+        )

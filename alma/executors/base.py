@@ -75,6 +75,8 @@ class Executor(ABC):
     name: ClassVar[str]
     #: True when stop() ends in-flight runs at once (their checkpoints are kept).
     aborts_runs: ClassVar[bool] = False
+    #: True when a run over ``timeout`` seconds is ended (else alma warns at load).
+    enforces_timeout: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -196,12 +196,6 @@ class DaskExecutor(Executor):
     def start(self, source: RunSource) -> None:
         distributed = _distributed()
         payload = dump_run(self.run)  # pickling problems surface here, in start()
-        if self.timeout is not None:
-            warnings.warn(
-                f'"timeout": {self.timeout:g} is not enforced by the Dask executor (a Dask '
-                'task cannot be killed); use "executor": "processes" to enforce it.',
-                stacklevel=3,
-            )
         if self.options is not None:
             self._client = self._connect(distributed, self.options)
         self._thread = threading.Thread(

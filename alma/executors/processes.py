@@ -142,6 +142,7 @@ class ProcessExecutor(Executor):
 
     name = "processes"
     aborts_runs = True
+    enforces_timeout = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
