@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
+import sysconfig
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -77,7 +80,44 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         return EXIT_PAUSED
     print(f"alma: finished: {summary}. State: {dispatcher.state_path}", file=sys.stderr)
+    if p.failed or dispatcher.last_error is not None:
+        _print_last_error(dispatcher.last_error, args.experiment)
     return EXIT_FAILED_RUNS if p.failed else EXIT_OK
+
+
+_FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+)', re.MULTILINE)
+_ALMA_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _user_location(traceback: str) -> str | None:
+    """``file:line`` of the innermost frame in the user's own code, if the traceback has one.
+
+    Tracebacks start at the run function; frames in the standard library, installed
+    packages or alma itself (e.g. save_callback) are skipped so the line shown is one the
+    user can edit. None when no frame is the user's (e.g. a Dask cluster that did not start).
+    """
+    frames = _FRAME.findall(traceback)
+    paths = sysconfig.get_paths()
+    keys = ("stdlib", "platstdlib", "purelib", "platlib")
+    skip = (*{os.path.join(paths[k], "") for k in keys if k in paths}, _ALMA_DIR)
+    for file, line in reversed(frames):
+        if not file.startswith(skip) and not file.startswith("<"):
+            return f"{file}:{line}"
+    return None
+
+
+def _print_last_error(error: Any, experiment: str) -> None:
+    """After a run with failures, say what went wrong last and how to redo the failed runs."""
+    if error is not None:
+        where = f"{error.instance}, iteration {error.iteration}: " if error.instance else ""
+        location = _user_location(error.traceback or "")
+        at = f" (at {location})" if location else ""
+        print(f"alma: last error: {where}{error.error}{at}", file=sys.stderr)
+    print(
+        f"alma: see `alma results {experiment}` for every failure; "
+        f"fix, then `alma reset --failed {experiment}`",
+        file=sys.stderr,
+    )
 
 
 def _update(bar: Any, p: Any) -> None:
@@ -107,22 +147,25 @@ def cmd_results(args: argparse.Namespace) -> int:
         return EXIT_OK
     out = Path(args.output)
     suffix = out.suffix.lower()
-    if suffix == ".csv":
-        frame.to_csv(out, index=False)
-    elif suffix == ".json":
-        frame.to_json(out, orient="records", date_format="iso", indent=1)
-    elif suffix == ".parquet":
-        try:
-            frame.to_parquet(out, index=False)
-        except ImportError:
+    try:
+        if suffix == ".csv":
+            frame.to_csv(out, index=False)
+        elif suffix == ".json":
+            frame.to_json(out, orient="records", date_format="iso", indent=1)
+        elif suffix == ".parquet":
+            try:
+                frame.to_parquet(out, index=False)
+            except ImportError:
+                raise ConfigError(
+                    f"{out}: writing parquet needs pyarrow: pip install pyarrow"
+                ) from None
+        else:
             raise ConfigError(
-                f"{out}: writing parquet needs pyarrow: pip install pyarrow"
-            ) from None
-    else:
-        raise ConfigError(
-            f"-o {out}: unknown format {suffix or '(none)'!r}. Use a file name "
-            "ending in .csv, .json or .parquet."
-        )
+                f"-o {out}: unknown format {suffix or '(none)'!r}. Use a file name "
+                "ending in .csv, .json or .parquet."
+            )
+    except OSError as exc:  # missing folder, no permission, disk full: a usage error, not 1
+        raise ConfigError(f"cannot write {out}: {exc.strerror or exc}") from None
     print(f"alma: wrote {len(frame)} rows to {out}", file=sys.stderr)
     return EXIT_OK
 
@@ -175,9 +218,29 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Warnings as one ``alma: warning: ...`` line: alma's file:line and source are noise here."""
+    text = str(message).removeprefix("alma: ")
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(f"alma: warning: {text}", file=sys.stderr)  # keeps a progress bar intact
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        print(f"alma: warning: {text}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``alma`` console script; returns the exit code."""
     args = parser().parse_args(argv)
+    previous_showwarning = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         return int(args.func(args))
     except BrokenPipeError:  # `alma results x | head`: the reader left, not an error
@@ -187,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"alma: error: {exc}", file=sys.stderr)
         codes = {ConfigError: EXIT_CONFIG, StateError: EXIT_STATE, LockedError: EXIT_LOCKED}
         return codes[type(exc)]
+    finally:
+        warnings.showwarning = previous_showwarning
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -73,13 +74,25 @@ def _fail(where: str | Path, key: str | None, problem: str, fix: str) -> ConfigE
     return ConfigError(f"{where}{field_part}: {problem}. {fix}")
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def _read_json(path: Path, what: str, base: Path) -> dict[str, Any]:
+    """Read one JSON object; ``base`` is the folder a relative path was resolved against
+    (the current folder for a path the user typed, the experiment's folder for its batch),
+    named when the file is missing because that is where the user must look."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
+        hint = ""
+        if what == "experiment" and path.parent.is_dir():
+            near = sorted(p.name for p in path.parent.glob("*.experiment") if p.is_file())
+            if near:
+                hint = f" Experiment files in {path.parent}: {', '.join(near[:5])}."
         raise ConfigError(
             f"{what} file not found: {path}. Check the path (relative paths "
-            f"are resolved against {path.parent})."
+            f"are resolved against {base}).{hint}"
         ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the {what} file ({exc}).") from None
@@ -88,7 +101,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: "
-            f"{exc.msg}. A {what} file is one JSON object."
+            f"{exc.msg}. {_article(what).capitalize()} {what} file is one JSON object."
         ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object {{...}}, got {type(data).__name__}.")
@@ -115,14 +128,17 @@ def _int_field(where: str | Path, key: str, value: Any, minimum: int) -> int:
     return value
 
 
-def read_batch(path: str | os.PathLike[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def read_batch(
+    path: str | os.PathLike[str], base: Path | None = None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Read a ``.batch`` file: returns (names as listed, resolved paths).
 
     Entries are paths relative to the batch file's folder; glob patterns are expanded
-    (sorted) and duplicates dropped, keeping the first occurrence.
+    (sorted) and duplicates dropped, keeping the first occurrence. ``base`` is the folder
+    a relative ``path`` is resolved against (default: the current folder).
     """
     batch = Path(path).resolve()
-    data = _read_json(batch, "batch")
+    data = _read_json(batch, "batch", Path.cwd() if base is None else base)
     _check_keys(batch, data, ["instances"])
     if "instances" not in data:
         raise _fail(
@@ -182,7 +198,7 @@ def expand_instances(
                 raise _fail(
                     where,
                     "instances",
-                    f"entry {i}, {entry!r}, is not a file (looked for {full})",
+                    f"entry {i}, {entry!r}, is not a file (looked for {os.path.normpath(full)})",
                     "Fix the path or remove the entry.",
                 )
             add(entry, str(full.resolve()))
@@ -203,7 +219,8 @@ def load_module_run(module: Path, where: str | Path) -> Callable[..., Any]:
             where,
             "load",
             f"run module {str(module)!r} not found",
-            "Give the path of a .py file, relative to the experiment file.",
+            f"Give the path of a .py file, relative to the experiment's folder "
+            f"({Path(where).parent}).",
         )
     name = f"alma_run_{hash_bytes(str(module).encode())}"
     spec = importlib.util.spec_from_file_location(name, module)
@@ -310,18 +327,22 @@ def make_caller(run: Callable[..., Any]) -> Callable[[str, Any, Any, int], Any]:
 
 
 def _check_executor(where: str | Path, value: Any) -> Any:
-    from .executors import check_executor  # keeps executor names in one place
+    from .executors import REGISTRY, check_executor  # keeps executor names in one place
 
     try:
         return check_executor(value)
     except ConfigError as exc:  # already says the fix (e.g. the package to install)
         raise ConfigError(f"{where}, field 'executor': {exc}") from None
     except ValueError as exc:
+        name = next(iter(value), None) if isinstance(value, dict) and len(value) == 1 else value
+        close = difflib.get_close_matches(name, REGISTRY, n=1) if isinstance(name, str) else []
         raise _fail(
             where,
             "executor",
             str(exc),
-            'Use "threads", "processes", "dask" or {"dask": "tcp://host:8786"}.',
+            f"Did you mean {close[0]!r}?"
+            if close and close[0] != name
+            else 'Use "threads", "processes", "dask" or {"dask": "tcp://host:8786"}.',
         ) from None
 
 
@@ -344,11 +365,16 @@ def build_options(where: str | Path, data: dict[str, Any]) -> dict[str, Any]:
             hint or f"Use one of {list(ORDERS)}.",
         )
     t = out["timeout"]
-    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
+    if t is not None and (
+        isinstance(t, bool)
+        or not isinstance(t, (int, float))
+        or (isinstance(t, float) and not math.isfinite(t))  # NaN <= 0 is False
+        or t <= 0
+    ):
         raise _fail(
             where,
             "timeout",
-            f"expected seconds > 0, got {t!r}",
+            f"expected a finite number of seconds > 0, got {t!r}",
             'Write for example "timeout": 600, or leave it out.',
         )
     out["executor"] = _check_executor(where, out["executor"])
@@ -385,7 +411,14 @@ def check_state_dir(where: str | Path, path: Path) -> Path:
 def read_experiment(path: str | os.PathLike[str]) -> Spec:
     """Read and validate an ``.experiment`` file, its batch and its run module."""
     exp = Path(path).resolve()
-    data = _read_json(exp, "experiment")
+    data = _read_json(exp, "experiment", Path.cwd())
+    if "instances" in data and "load" not in data and "batch" not in data:
+        raise _fail(
+            exp,
+            None,
+            'this looks like a batch file (it lists "instances"), not an experiment',
+            "Pass the .experiment file that names it.",
+        )
     _check_keys(exp, data, list(EXPERIMENT_KEYS))
     for key in ("load", "batch"):
         if key not in data:
@@ -405,9 +438,9 @@ def read_experiment(path: str | os.PathLike[str]) -> Spec:
             exp,
             "batch",
             f"batch file {str(batch)!r} not found",
-            "Give the path of a .batch file, relative to the experiment file.",
+            f"Give the path of a .batch file, relative to the experiment's folder ({exp.parent}).",
         )
-    instances, paths = read_batch(batch)
+    instances, paths = read_batch(batch, base=exp.parent)
     module = (exp.parent / data["load"]).resolve()
     run = load_module_run(module, exp)
     state = _state_path(exp, data.get("state"), exp.with_name(exp.name + STATE_SUFFIX))

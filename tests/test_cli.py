@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import signal
+import warnings
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import alma_cli, alma_popen, wait_until
 
+import alma.cli
 import alma.experiment
 
 FAILING_RUN = """
@@ -39,6 +41,54 @@ def test_run_exit_1_with_failures(make_experiment) -> None:
     out = alma_cli("run", "-q", exp)
     assert out.returncode == 1, out.stderr
     assert "5 of 6 runs done, 1 failed" in out.stderr
+
+
+#: Fails in a helper, inside the standard library: the line shown is the helper's.
+HELPER_FAILING_RUN = """
+import json
+
+def parse(text):
+    return json.loads(text)
+
+def run(instance):
+    return parse("{not json")
+"""
+
+
+def test_run_with_failures_shows_the_last_error_and_the_fix(make_experiment) -> None:
+    exp = make_experiment(HELPER_FAILING_RUN, instances=1, iterations=1)
+    out = alma_cli("run", "-q", exp)
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.splitlines()
+    summary = next(i for i, line in enumerate(lines) if "alma: finished:" in line)
+    assert "0 of 1 runs done, 1 failed" in lines[summary]
+    last, hint = lines[summary + 1], lines[summary + 2]
+    assert last.startswith("alma: last error: data/file0.txt, iteration 0: JSONDecodeError: ")
+    assert last.endswith(f"(at {exp.parent / 'example.py'}:5)")  # parse(), not json's code
+    assert hint == (
+        f"alma: see `alma results {exp}` for every failure; fix, then `alma reset --failed {exp}`"
+    )
+    assert "Traceback" not in out.stderr
+
+
+def test_error_location_skips_frames_the_user_cannot_edit() -> None:
+    alma_file = str(Path(alma.cli.__file__).parent / "executors" / "base.py")
+    tb = (
+        "Traceback (most recent call last):\n"
+        '  File "/home/u/proj/run.py", line 7, in run\n'
+        f'  File "{alma_file}", line 99, in save_callback\n'
+        f'  File "{json.__file__}", line 231, in dumps\n'
+        "TypeError: Object of type set is not JSON serializable\n"
+    )
+    assert alma.cli._user_location(tb) == "/home/u/proj/run.py:7"
+    assert alma.cli._user_location(tb.replace("/home/u/proj/run.py", alma_file)) is None
+    assert alma.cli._user_location("") is None
+
+
+def test_run_without_failures_prints_no_error(make_experiment) -> None:
+    out = alma_cli("run", "-q", make_experiment(iterations=1))
+    assert out.returncode == 0, out.stderr
+    assert "last error" not in out.stderr and "reset --failed" not in out.stderr
 
 
 #: Iteration 0 ends at once; later iterations checkpoint every 10 ms until a release
@@ -141,6 +191,34 @@ def test_results_unknown_extension_is_a_usage_error(make_experiment, tmp_path: P
     assert out.returncode == 2
     assert "'.txt'" in out.stderr and ".csv" in out.stderr
     assert not (tmp_path / "x.txt").exists()
+
+
+def test_results_to_a_missing_folder_is_a_usage_error(make_experiment, tmp_path: Path) -> None:
+    exp = make_experiment(iterations=1)
+    alma_cli("run", "-q", exp)
+    for suffix in (".csv", ".json", ".parquet"):
+        out = alma_cli("results", exp, "-o", f"nodir/x{suffix}", cwd=tmp_path)
+        assert out.returncode == 2, out.stderr  # 1 would mean "finished with failed runs"
+        assert f"alma: error: cannot write nodir/x{suffix}: " in out.stderr
+        assert "Traceback" not in out.stderr
+    assert not (tmp_path / "nodir").exists()
+
+
+def test_warnings_are_one_alma_line(make_experiment) -> None:
+    exp = make_experiment(timeout=5)  # threads cannot enforce a timeout: load warns
+    out = alma_cli("status", exp)
+    assert out.returncode == 0, out.stderr
+    warned = [line for line in out.stderr.splitlines() if line.startswith("alma: warning: ")]
+    assert len(warned) == 1 and '"timeout": 5 is not enforced' in warned[0]
+    assert "UserWarning" not in out.stderr and ".py:" not in out.stderr
+    assert len(out.stderr.splitlines()) == 1  # no source line echoed after it
+
+
+def test_main_restores_the_warning_display(make_experiment, capsys) -> None:
+    before = warnings.showwarning
+    assert alma.cli.main(["status", str(make_experiment(timeout=5))]) == 0
+    assert warnings.showwarning is before
+    assert "alma: warning: " in capsys.readouterr().err
 
 
 def test_reset_failed_then_all(make_experiment) -> None:

@@ -134,7 +134,11 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], None], list[str]]] = {
     "experiment missing": (_remove("example.experiment"), ["example.experiment", "not found"]),
     "bad JSON": (
         _write("example.experiment", '{"load": "example.py",\n "workers": 3,,\n}'),
-        ["example.experiment", "line 2", "column 15"],
+        ["example.experiment", "line 2", "column 15", "An experiment file is one JSON object"],
+    ),
+    "a batch file given as the experiment": (
+        _write("example.experiment", '{"instances": ["data/file0.txt"]}'),
+        ["example.experiment", "looks like a batch file", "the .experiment file that names it"],
     ),
     "not an object": (_write("example.experiment", "[1, 2]"), ["example.experiment", "object"]),
     "unknown key": (
@@ -155,11 +159,20 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], None], list[str]]] = {
     "iterations bool": (_edit_experiment(iterations=True), ["'iterations'", "True"]),
     "retries negative": (_edit_experiment(retries=-1), ["example.experiment", "'retries'"]),
     "timeout negative": (_edit_experiment(timeout=-3), ["example.experiment", "'timeout'"]),
+    "timeout NaN": (_edit_experiment(timeout=float("nan")), ["example.experiment", "'timeout'"]),
+    "timeout infinite": (
+        _edit_experiment(timeout=float("inf")),
+        ["example.experiment", "'timeout'", "inf"],
+    ),
     "order misspelt": (
         _edit_experiment(order="instnce"),
         ["example.experiment", "'order'", "Did you mean 'instance'"],
     ),
     "executor unknown": (_edit_experiment(executor="trheads"), ["'executor'", "trheads"]),
+    "executor near miss": (
+        _edit_experiment(executor="process"),
+        ["example.experiment", "'executor'", "Did you mean 'processes'"],
+    ),
     "load missing": (_edit_experiment(load=_DROP), ["example.experiment", "'load'"]),
     "load not a string": (_edit_experiment(load=3), ["example.experiment", "'load'"]),
     "batch missing": (_edit_experiment(batch=_DROP), ["example.experiment", "'batch'"]),
@@ -167,7 +180,10 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], None], list[str]]] = {
         _edit_experiment(batch="nope.batch"),
         ["example.experiment", "'batch'", "nope.batch"],
     ),
-    "batch bad JSON": (_write("example.batch", '{"instances": [}'), ["example.batch", "line 1"]),
+    "batch bad JSON": (
+        _write("example.batch", '{"instances": [}'),
+        ["example.batch", "line 1", "A batch file is one JSON object"],
+    ),
     "batch unknown key": (
         _write("example.batch", '{"instance": ["data/file0.txt"]}'),
         ["example.batch", "'instance'", "Did you mean 'instances'"],
@@ -230,6 +246,54 @@ def test_bad_input_raises_config_error_and_writes_nothing(
         assert needle in message, f"{needle!r} not in {message!r}"
     assert _listing(tmp_path) == before
     assert not list(tmp_path.rglob("*.sqlite*")) and not list(tmp_path.rglob("*.lock"))
+
+
+def test_missing_instance_shows_the_normalised_path(make_experiment, tmp_path: Path) -> None:
+    exp = make_experiment(instances=["p/../../data/t0.csv"])
+    with pytest.raises(alma.ConfigError) as info:
+        alma.experiment.load(exp)
+    assert f"(looked for {tmp_path.parent / 'data' / 't0.csv'})" in str(info.value)
+
+
+def test_missing_experiment_names_the_current_folder_and_suggests_files(
+    make_experiment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_experiment(folder="proj")
+    for n in ("b", "c", "d", "e", "f", "g"):
+        (tmp_path / "proj" / f"{n}.experiment").write_text("{}")
+    monkeypatch.chdir(tmp_path)  # a typed path is relative to the cwd, not to its folder
+    with pytest.raises(alma.ConfigError) as info:
+        alma.experiment.load("proj/exmaple.experiment")
+    message = str(info.value)
+    assert f"resolved against {tmp_path})" in message
+    # the first five, sorted; the sixth is left out
+    assert "b.experiment, c.experiment, d.experiment, e.experiment, example.experiment." in message
+    assert "f.experiment" not in message
+    with pytest.raises(alma.ConfigError) as info:
+        alma.experiment.load("nowhere/x.experiment")
+    assert "Experiment files" not in str(info.value)
+
+
+def test_missing_batch_or_module_names_the_experiment_folder(
+    make_experiment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exp = make_experiment(folder="proj")
+    monkeypatch.chdir(tmp_path)
+    _edit_experiment(batch="nope.batch")(exp)
+    with pytest.raises(alma.ConfigError, match="relative to the experiment's folder") as info:
+        alma.experiment.load(exp)
+    assert f"({tmp_path / 'proj'})" in str(info.value)
+    _edit_experiment(batch="example.batch", load="nope.py")(exp)
+    with pytest.raises(alma.ConfigError, match="relative to the experiment's folder") as info:
+        alma.experiment.load(exp)
+    assert f"({tmp_path / 'proj'})" in str(info.value)
+
+    def run(instance):
+        return 1
+
+    with pytest.raises(alma.ConfigError) as info:  # Experiment(batch=...) is cwd-relative
+        alma.Experiment(run, batch="proj/nope.batch", state=tmp_path / "s.sqlite")
+    assert f"resolved against {tmp_path})" in str(info.value)
 
 
 def _listing(folder: Path) -> dict[str, bytes]:
@@ -315,7 +379,7 @@ def test_programmatic_experiment_with_globs_or_a_batch(
     monkeypatch.chdir(tmp_path)  # a batch resolves against its own folder, not the cwd
     by_batch = alma.Experiment(run, batch="proj/example.batch", state=tmp_path / "b.sqlite")
     assert by_batch.spec.paths == by_glob.spec.paths
-    assert by_batch.spec.name == "b"  # named after the state file by default
+    assert by_batch.spec.name == "run"  # named after the function by default
     with pytest.raises(alma.ConfigError, match="exactly one"):
         alma.Experiment(run, ["proj/data/*.txt"], batch="proj/example.batch")
-    assert not (tmp_path / "alma.sqlite").exists()
+    assert not (tmp_path / "run.sqlite").exists()
