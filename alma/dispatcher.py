@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import Interrupted
+from .errors import Interrupted, StateError
 from .executors import Executor, Outcome, Task, executor_class
 from .lock import ExperimentLock
 from .spec import Spec
@@ -86,6 +87,10 @@ class Dispatcher:
         self._store = Store(spec.state_path, spec.name)
         self._store.validate()
         self._oslock = ExperimentLock(spec.state_path)
+        # Lock order: _session_lock before _mutex, never the other way round. The
+        # session lock serialises opening and closing a session (closing joins the
+        # writer thread, whose commit callback needs _mutex, so it must not be held).
+        self._session_lock = threading.RLock()
         self._mutex = threading.RLock()
         self._idle = threading.Event()
         self._idle.set()
@@ -105,6 +110,7 @@ class Dispatcher:
         self._failed: list[int] = [0] * len(spec.instances)
         self._cache_version: int | None = None
         self._session_start = 0.0
+        self._launched = False  # runs were handed to an executor in this process
         self._session_end: float | None = None
         self._session_finished = 0
         self.last_error: RunError | None = None
@@ -160,49 +166,52 @@ class Dispatcher:
         Raises LockedError when the experiment runs in another process or kernel.
         Starting a running dispatcher does nothing.
         """
-        with self._mutex:
-            if self._active and not self._stopping:
-                return
-            if not self._active:
+        with self._session_lock:
+            with self._mutex:
+                if self._active and not self._stopping:
+                    return
+                opening = not self._active
+            if opening:
                 if self.finished:  # nothing owed: no session, no lock, no write
                     return
                 self._open_session()
-            self._stopping = False
-            plan = self._build_plan()
-            if plan is None:
-                if not self._inflight:
-                    self._close_session()
+            with self._mutex:
+                self._stopping = False
+                self._plan = self._build_plan()
+                # Workers of runs still in flight (a stop that timed out) pull from this
+                # plan too once their run ends: start only the missing ones.
+                free = self.spec.workers - len(self._inflight)
+                launch = self._plan is not None and free > 0
+                if launch:
+                    self._idle.clear()
+                    self._live_executors += 1  # reserved: the session cannot end meanwhile
+                nothing_to_do = self._plan is None and not self._live_executors
+            if nothing_to_do:
+                self._close_session()
                 return
-            self._plan = plan
-            self._idle.clear()
-            # Workers of runs still in flight (a stop that timed out) pull from this plan
-            # too once their run ends: start only the missing ones.
-            free = self.spec.workers - len(self._inflight)
-        if free > 0:
-            self._launch(free)  # outside the mutex: a Dask cluster takes seconds
+        if launch:
+            self._launch(free)  # outside the locks: a Dask cluster takes seconds to start
 
     def _launch(self, workers: int) -> None:
         """Start one more executor with ``workers`` workers pulling from the plan.
 
-        Called without the mutex held: executors may take long to start (processes,
-        clusters), and progress must stay readable meanwhile.
+        The caller has reserved it in ``_live_executors``. Called without locks held:
+        executors may take long to start (processes, clusters), and progress must stay
+        readable meanwhile.
         """
-        with self._mutex:
-            name, options = self.spec.executor
+        name, options = self.spec.executor
+        try:
             executor = executor_class(name)(
                 self.spec.run, workers, self.spec.retries, self.spec.timeout, options
             )
-            self._executors.append(executor)
-            self._live_executors += 1
-        try:
+            with self._mutex:
+                self._executors.append(executor)
+                self._launched = True
             executor.start(self)
         except BaseException:
             with self._mutex:
-                self._executors.remove(executor)
-                self._live_executors -= 1
                 self._plan = None
-                if not self._live_executors:
-                    self._close_session()
+            self.executor_done()  # gives the reservation back; ends an idle session
             raise
 
     def stop(self, timeout: float | None = None) -> bool:
@@ -252,7 +261,7 @@ class Dispatcher:
                 status = "stopping" if self._stopping else "running"
             elif pending + running == 0:
                 status = "finished"
-            elif self._session_start or done + failed:
+            elif self._launched or done + failed:
                 status = "paused"
             else:
                 status = "idle"
@@ -316,17 +325,17 @@ class Dispatcher:
             return n
 
         exhausted: list[bool] = []
-        with self._mutex:
-            own_session = not self._active
+        with self._session_lock:  # the session cannot end while forget() is queued
+            with self._mutex:
+                own_session = not self._active
             if own_session:
                 self._open_session()
             writer = self._writer
             assert writer is not None
-        try:
-            n: int = writer.call(forget)
-        finally:
-            if own_session:
-                with self._mutex:
+            try:
+                n: int = writer.call(forget)
+            finally:
+                if own_session:
                     self._close_session()
         if exhausted == [True]:
             self._add_workers()
@@ -338,6 +347,7 @@ class Dispatcher:
             free = self.spec.workers - len(self._inflight)
             if not self._active or self._stopping or self._plan is None or free <= 0:
                 return
+            self._live_executors += 1
         self._launch(free)
 
     def close(self) -> None:
@@ -441,12 +451,11 @@ class Dispatcher:
             self._live_executors -= 1
             if self._live_executors:
                 return
-            writer = self._writer
-        if writer is not None:
-            writer.flush()  # outside the mutex: the commit callback takes it
-        with self._mutex:
-            if not self._live_executors and self._active:  # unless start() came meanwhile
-                self._close_session()
+        with self._session_lock:
+            with self._mutex:
+                if self._live_executors or not self._active:
+                    return  # start() came meanwhile, or the session is already closed
+            self._close_session()
 
     # -- internals -------------------------------------------------------------------
 
@@ -466,10 +475,28 @@ class Dispatcher:
             self._session_finished += len(rows)
 
     def _writer_failed(self, exc: BaseException) -> None:
-        self.last_error = RunError("", -1, f"writing the state failed: {exc!r}", "")
+        """The state file could not be written (disk full, I/O error): stop, say why."""
+        self.last_error = RunError(
+            "",
+            -1,
+            f"State file {self.spec.state_path}: saving failed ({type(exc).__name__}: "
+            f"{exc}). Runs finished before are kept; free disk space (or fix the file's "
+            "permissions), then start() again.",
+            "",
+        )
         threading.Thread(target=self.stop, daemon=True).start()
 
+    def executor_failed(self, exc: BaseException) -> None:
+        """An executor's own machinery failed (not a run): show it like a failed run."""
+        self.last_error = RunError(
+            "",
+            -1,
+            f"executor failed: {type(exc).__name__}: {exc}",
+            "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        )
+
     def _open_session(self) -> None:
+        """Take the OS lock and the writer. Caller holds _session_lock."""
         self._oslock.acquire()
         try:
             ids = self._store.open_writer(
@@ -480,31 +507,37 @@ class Dispatcher:
         except BaseException:
             self._oslock.release()
             raise
-        self._ids = [ids[name] for name in self.spec.instances]
-        self._position = {i: pos for pos, i in enumerate(self._ids)}
-        self._checkpoints = self._store.checkpoints()
-        self._refresh_counts(force=True)
-        self._writer = _Writer(self._store, self._committed, self._writer_failed)
-        self._active = True
-        self._session_start = time.monotonic()
-        self._session_end = None
-        self._session_finished = 0
+        checkpoints = self._store.checkpoints()
+        with self._mutex:
+            self._ids = [ids[name] for name in self.spec.instances]
+            self._position = {i: pos for pos, i in enumerate(self._ids)}
+            self._checkpoints = checkpoints
+            self._refresh_counts(force=True)
+            self._writer = _Writer(self._store, self._committed, self._writer_failed)
+            self._active = True
+            self._session_start = time.monotonic()
+            self._session_end = None
+            self._session_finished = 0
 
     def _close_session(self) -> None:
-        """End the session: the writer has nothing queued (no executor is left)."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        """End the session (no executor is left). Caller holds _session_lock, not _mutex:
+        the writer commits what is queued, and its callback takes the mutex."""
+        with self._mutex:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
         self._store.close_writer()
         self._oslock.release()
-        self._active = False
-        self._stopping = False
-        self._session_end = time.monotonic()
-        self._plan = None
-        self._inflight.clear()  # no executor is left: nothing is really in flight
-        self._saving.clear()
-        self._cache_version = None
-        self._idle.set()
+        with self._mutex:
+            self._active = False
+            self._stopping = False
+            self._session_end = time.monotonic()
+            self._plan = None
+            self._inflight.clear()  # no executor is left: nothing is really in flight
+            self._saving.clear()
+            self._executors.clear()
+            self._cache_version = None
+            self._idle.set()
 
     def _refresh_counts(self, force: bool = False) -> None:
         """Re-read per-instance counts from the store when another connection changed it."""
@@ -576,6 +609,7 @@ class _Writer:
         self._committed = 0  # sequence number of the last item committed
         self._urgent = False
         self._closing = False
+        self.error: BaseException | None = None  # why writing failed, if it did
         self._thread = threading.Thread(target=self._loop, name="alma-writer", daemon=True)
         self._thread.start()
 
@@ -593,10 +627,16 @@ class _Writer:
                 self._cond.notify()
 
     def put_checkpoint(self, ckpt: tuple[int, int, str, float]) -> None:
+        """Queue a checkpoint and return once it is committed.
+
+        If the state cannot be written, the run is aborted (owed again) rather than
+        carried on with a checkpoint that ``save_callback`` could not make durable.
+        """
         with self._cond:
             self._ckpts.append(ckpt)
             self._queued += 1
-            self._wait(self._queued)
+            if not self._wait(self._queued):
+                raise Interrupted(f"the checkpoint could not be saved: {self.error!r}")
 
     def call(self, fn: Any) -> Any:
         """Run ``fn()`` in the writer thread after the queued commits; return its result."""
@@ -604,7 +644,8 @@ class _Writer:
         with self._cond:
             self._calls.append(c)
             self._queued += 1
-            self._wait(self._queued)
+            if not self._wait(self._queued):
+                raise StateError(f"the state file could not be written: {self.error!r}")
         if c.error is not None:
             raise c.error
         return c.result
@@ -622,11 +663,13 @@ class _Writer:
         if threading.current_thread() is not self._thread:
             self._thread.join()
 
-    def _wait(self, seq: int) -> None:
+    def _wait(self, seq: int) -> bool:
+        """Wait until item ``seq`` is committed; False if it never will be (write failed)."""
         self._urgent = True
         self._cond.notify_all()
         while self._committed < seq and self._thread.is_alive():
             self._cond.wait(0.5)
+        return self._committed >= seq
 
     def _loop(self) -> None:
         while True:
@@ -647,8 +690,12 @@ class _Writer:
                     self._store.write(runs, ckpts, drop)
                     self._on_commit(runs)
             except BaseException as exc:  # disk full, I/O error: stop; nothing done is lost
+                # Nothing of this group counts as committed: waiters learn it failed.
+                with self._cond:
+                    self.error = exc
+                    self._cond.notify_all()
                 self._on_error(exc)
-                closing = True
+                return
             for c in calls:
                 c.run()
             with self._cond:

@@ -9,6 +9,7 @@ re-running a notebook cell never starts a second one.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import warnings
@@ -20,7 +21,6 @@ from typing import Any
 from .dispatcher import Dispatcher
 from .errors import ConfigError
 from .spec import (
-    STATE_SUFFIX,
     Spec,
     build_options,
     check_run_signature,
@@ -33,22 +33,24 @@ from .spec import (
 
 __all__ = ["Dispatcher", "Experiment", "load"]
 
-_live: weakref.WeakValueDictionary[Path, Dispatcher] = weakref.WeakValueDictionary()
+#: Every dispatcher made in this process, by state file: any of them may be the running one.
+_live: dict[Path, weakref.WeakSet[Dispatcher]] = {}
 _live_lock = threading.Lock()
 
 
 def _dispatcher(spec: Spec) -> Dispatcher:
     with _live_lock:
-        live = _live.get(spec.state_path)
-        if live is not None and live.running:
-            warnings.warn(
-                f"{spec.name} is already running in this process; returning the "
-                "live dispatcher (stop it first to reload a changed experiment).",
-                stacklevel=3,
-            )
-            return live
+        made = _live.setdefault(spec.state_path, weakref.WeakSet())
+        for live in list(made):
+            if live.running:
+                warnings.warn(
+                    f"{spec.name} is already running in this process; returning the "
+                    "live dispatcher (stop it first to reload a changed experiment).",
+                    stacklevel=3,
+                )
+                return live
         dispatcher = Dispatcher(spec)
-        _live[spec.state_path] = dispatcher
+        made.add(dispatcher)
         return dispatcher
 
 
@@ -68,7 +70,7 @@ def Experiment(  # noqa: N802 - reads like a class in notebooks, returns a Dispa
     batch: str | os.PathLike[str] | None = None,
     iterations: int = 1,
     workers: int = 1,
-    state: str | os.PathLike[str] = "alma.sqlite",
+    state: str | os.PathLike[str] | None = None,
     order: str = "round-robin",
     retries: int = 0,
     executor: Any = "threads",
@@ -78,9 +80,11 @@ def Experiment(  # noqa: N802 - reads like a class in notebooks, returns a Dispa
     """Define an experiment in code (e.g. a notebook cell) and return its Dispatcher.
 
     ``instances`` are file paths or globs relative to the working directory; or give a
-    ``batch`` file instead. The ``state`` file makes the experiment resumable: after a
-    kernel restart, running the same cells again picks up where it stopped. ``name``
-    (default: the state file's name) guards against two experiments sharing one state.
+    ``batch`` file instead. The ``state`` file (default: ``<function name>.sqlite`` in
+    the working directory) makes the experiment resumable: after a kernel restart,
+    running the same cells again picks up where it stopped. ``name`` (default: the
+    function's name) is recorded in the state file, which then refuses (StateError)
+    another experiment; pass the old name to keep a renamed function's results.
     """
     where = "Experiment()"
     if not callable(run):
@@ -106,12 +110,16 @@ def Experiment(  # noqa: N802 - reads like a class in notebooks, returns a Dispa
             "timeout": timeout,
         },
     )
-    state_path = check_state_dir(where, Path(state).resolve())
+    # Named after the function by default, so two experiments in one folder never share
+    # a state file by accident; the name guards the file against another function.
+    default = re.sub(r"\W", "_", getattr(run, "__name__", "") or "experiment")
+    name = name or default
+    state_path = check_state_dir(where, Path(state or f"{default}.sqlite").resolve())
     module = getattr(run, "__module__", None)
     module_file = getattr(sys.modules.get(module or ""), "__file__", None)
     return _dispatcher(
         Spec(
-            name=name or state_path.name.removesuffix(STATE_SUFFIX),
+            name=name,
             run=run,
             instances=names,
             paths=paths,

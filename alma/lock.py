@@ -14,7 +14,7 @@ import socket
 import time
 from pathlib import Path
 
-from .errors import LockedError
+from .errors import LockedError, StateError
 
 
 class ExperimentLock:
@@ -33,7 +33,13 @@ class ExperimentLock:
         """Take the lock or raise LockedError naming the holder."""
         if self._fd is not None:
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StateError(
+                f"Cannot create the lock file {self.path} ({exc.strerror}). Check that the "
+                "folder of the state file still exists and is writable."
+            ) from None
         for attempt in range(5):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -45,6 +51,12 @@ class ExperimentLock:
         else:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
+            if holder.startswith(f"pid {os.getpid()} "):
+                raise LockedError(
+                    f"The experiment using {self.path.with_suffix('')} is already running in "
+                    "this process, from another Dispatcher object (e.g. an earlier load). "
+                    "Use that one, or call its stop() first."
+                )
             raise LockedError(
                 f"The experiment using {self.path.with_suffix('')} is already running "
                 f"({holder}). Stop it there first, or wait for it to finish; loading and "

@@ -299,7 +299,8 @@ class Store:
             )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # a failed COMMIT (disk full) has already rolled back
+                db.execute("ROLLBACK")
             raise
 
     def delete_runs(self, failed_only: bool) -> int:
@@ -308,10 +309,15 @@ class Store:
         assert db is not None, "open_writer() first"
         where = " WHERE status = 'failed'" if failed_only else ""
         db.execute("BEGIN IMMEDIATE")
-        n = db.execute(f"DELETE FROM runs{where}").rowcount
-        if not failed_only:
-            db.execute("DELETE FROM checkpoints")
-        db.execute("COMMIT")
+        try:
+            n = db.execute(f"DELETE FROM runs{where}").rowcount
+            if not failed_only:
+                db.execute("DELETE FROM checkpoints")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
         return n
 
     def close_writer(self) -> None:
@@ -356,9 +362,12 @@ class _Reading:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.store._read_lock.release()
-        # A damaged page deep in the file surfaces only when read: report it as the
-        # StateError it is (OperationalError, e.g. "database is locked", is not damage).
-        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+        # A damaged page or a missing table surfaces only when read: report it as the
+        # StateError it is. A busy or locked database is contention, not damage.
+        if isinstance(exc, sqlite3.DatabaseError) and not (
+            isinstance(exc, sqlite3.OperationalError)
+            and any(w in str(exc) for w in ("locked", "busy"))
+        ):
             raise self.store._refuse(f"unreadable or corrupt ({exc})") from None
 
 

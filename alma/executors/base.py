@@ -67,6 +67,9 @@ class RunSource(Protocol):
     def executor_done(self) -> None:
         """Called once by the executor when none of its runs is in flight any more."""
 
+    def executor_failed(self, exc: BaseException) -> None:
+        """The executor's own machinery failed (not a run); shown to the user."""
+
 
 class Executor(ABC):
     """Where runs execute. Subclasses set the class flags and implement start/stop."""
@@ -105,6 +108,8 @@ class Executor(ABC):
         def body() -> None:
             try:
                 loop()
+            except BaseException as exc:  # a bug of alma's, not a run's: never silent
+                source.executor_failed(exc)
             finally:
                 with lock:
                     alive[0] -= 1
@@ -126,6 +131,8 @@ def _json_default(obj: Any) -> Any:
     # numpy (and pandas) scalars and arrays, without importing numpy.
     if hasattr(obj, "item") and getattr(obj, "shape", None) == ():
         return obj.item()
+    if hasattr(obj, "to_dict") and hasattr(obj, "index"):  # pandas: keep the labels
+        return obj.to_dict()
     if hasattr(obj, "tolist"):
         return obj.tolist()
     if isinstance(obj, (set, frozenset)):

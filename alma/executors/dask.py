@@ -355,6 +355,8 @@ class DaskExecutor(Executor):
                         )
                         window = per_worker * self.workers
                 refill()
+        except BaseException as exc:  # a bug of alma's, not a run's: never silent
+            source.executor_failed(exc)
         finally:
             if receiver is not None:
                 with contextlib.suppress(Exception):
@@ -367,9 +369,11 @@ class DaskExecutor(Executor):
             for reply in [*replies, queue]:
                 with contextlib.suppress(Exception):
                     reply.close()
-            source.executor_done()
+            # Shut down first: once executor_done() returns, join() returns, and a
+            # script may exit or start() again before a local cluster has closed.
             self._end_session()
             self._shutdown()
+            source.executor_done()
 
     def _cluster_failed(self, source: RunSource, exc: Exception) -> None:
         """No cluster, no run: say why where front-ends look (last_error) and warn."""
