@@ -524,7 +524,9 @@ def test_context_manager_stops_and_releases(experiment, tmp_path: Path) -> None:
         assert d.running
     assert not d.running
     with pytest.warns(UserWarning, match="code changed"):  # another function, same state
-        again = alma.Experiment(lambda instance: 1, make_files(tmp_path, 1), state=d.state_path)
+        again = alma.Experiment(
+            lambda instance: 1, make_files(tmp_path, 1), state=d.state_path, name=d.spec.name
+        )
     again.start()  # the lock was released by close()
     assert again.join(10)
     again.close()
