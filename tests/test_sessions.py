@@ -201,3 +201,18 @@ def test_loading_again_finds_the_running_dispatcher_among_several(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert d.progress.status == "finished"
+
+
+def test_dates_and_paths_are_stored_as_text(tmp_path: Path, made: list[Dispatcher]) -> None:
+    import datetime
+
+    def run(instance: str) -> dict[str, Any]:
+        return {"when": datetime.datetime(2026, 1, 2, 3, 4, 5), "file": Path(instance)}
+
+    files = _files(tmp_path, 1)
+    d = alma.Experiment(run=run, instances=files, state=tmp_path / "s.sqlite")
+    made.append(d)
+    d.start()
+    assert d.join(timeout=20)
+    row = d.results.iloc[0]
+    assert (row["status"], row["when"], row["file"]) == ("done", "2026-01-02T03:04:05", files[0])

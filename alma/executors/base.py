@@ -9,6 +9,7 @@ the same on every executor.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import threading
@@ -137,10 +138,14 @@ def _json_default(obj: Any) -> Any:
         return obj.tolist()
     if isinstance(obj, (set, frozenset)):
         return sorted(obj, key=repr)
+    if isinstance(obj, (datetime.date, datetime.time)):  # datetime is a date too
+        return obj.isoformat()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
     raise TypeError(
         f"an object of type {type(obj).__module__}.{type(obj).__qualname__} "
         "cannot be stored as JSON; return or save numbers, strings, lists and "
-        "dicts (numpy values are converted)"
+        "dicts (numpy and pandas values, dates and paths are converted)"
     )
 
 
