@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nbformat
 import pandas as pd
 import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
-from notebook_helpers import wait_for
+from notebook_helpers import NOTEBOOKS, wait_for
 
+import alma
+import alma.notebook
 from alma.notebook.magics import HELP, AlmaMagics
 
 RUN = """\
@@ -42,10 +47,21 @@ def write_experiment(root: Path, steps: dict[str, int], iterations: int = 2) -> 
     return exp
 
 
+def _forget_dispatchers(ip: InteractiveShell) -> None:
+    """No experiment of an earlier test may become the magics' fallback."""
+    for name, value in list(ip.user_ns.items()):
+        if isinstance(value, alma.Dispatcher):
+            value.stop(timeout=10)
+            value.close()
+            del ip.user_ns[name]
+    alma.notebook._last = None
+
+
 @pytest.fixture
 def shell() -> Iterator[InteractiveShell]:
     ip = InteractiveShell.instance()
     ip.run_line_magic("load_ext", "alma")
+    _forget_dispatchers(ip)
     yield ip
     magics = ip.magics_manager.registry["AlmaMagics"]
     d = magics.dispatcher
@@ -53,6 +69,7 @@ def shell() -> Iterator[InteractiveShell]:
         d.stop(timeout=10)
         d.close()
     magics.dispatcher = None
+    _forget_dispatchers(ip)
 
 
 def magics_of(shell: InteractiveShell) -> AlmaMagics:
@@ -166,3 +183,95 @@ def test_extension_registers_through_the_package(tmp_path: Path) -> None:
 
     alma.load_ipython_extension(FakeShell())
     assert registered == [AlmaMagics]
+
+
+def define_in_code(shell: InteractiveShell, exp: Path, var: str = "d") -> alma.Dispatcher:
+    """What a user does in a cell: ``d = alma.experiment.load(PATH)`` (no magic)."""
+    result = shell.run_cell(f"import alma.experiment\n{var} = alma.experiment.load({str(exp)!r})")
+    result.raise_error()
+    d = shell.user_ns[var]
+    assert isinstance(d, alma.Dispatcher)
+    return d
+
+
+def test_magics_act_on_an_experiment_made_in_code(
+    shell: InteractiveShell, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    d = define_in_code(shell, write_experiment(tmp_path, {"a.txt": 1, "b.txt": 1}))
+    shell.run_line_magic("alma", "start")
+    assert d.join(timeout=30)
+    assert "m: " in capsys.readouterr().out
+    df = shell.run_line_magic("alma", "results")
+    assert len(df) == 4
+    assert shell.run_line_magic("alma", "state") is not None
+
+
+def test_magics_follow_the_experiment_made_or_shown_last(
+    shell: InteractiveShell, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    first = write_experiment(tmp_path / "one", {"a.txt": 1})
+    second = write_experiment(tmp_path / "two", {"a.txt": 1, "b.txt": 1, "c.txt": 1})
+    define_in_code(shell, first, "d1")
+    define_in_code(shell, second, "d2")
+    capsys.readouterr()
+    shell.run_line_magic("alma", "status")
+    assert "0/6 done" in capsys.readouterr().out  # the one made last: two, 3 files x 2
+
+    shell.run_cell("d1")  # displaying an experiment makes it the current one
+    capsys.readouterr()
+    shell.run_line_magic("alma", "status")
+    assert "0/2 done" in capsys.readouterr().out
+
+    # made and used in one cell, before any post-cell hook ran
+    third = write_experiment(tmp_path / "three", {"a.txt": 1}, iterations=5)
+    shell.run_cell(f"d3 = alma.experiment.load({str(third)!r})\n%alma status").raise_error()
+    assert "0/5 done" in capsys.readouterr().out
+
+
+def test_an_experiment_loaded_by_magic_wins_over_code(
+    shell: InteractiveShell, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    shell.run_line_magic("alma", f"load {write_experiment(tmp_path / 'one', {'a.txt': 1})}")
+    define_in_code(shell, write_experiment(tmp_path / "two", {"a.txt": 1, "b.txt": 1}))
+    capsys.readouterr()
+    shell.run_line_magic("alma", "status")
+    assert "0/2 done" in capsys.readouterr().out  # the loaded one (1 file x 2)
+
+
+def test_the_fallback_never_keeps_an_experiment_alive(
+    shell: InteractiveShell, tmp_path: Path
+) -> None:
+    d = define_in_code(shell, write_experiment(tmp_path, {"a.txt": 1}))
+    ref = weakref.ref(d)
+    d.close()
+    del d, shell.user_ns["d"]
+    shell.user_ns.pop("_", None)
+    gc.collect()
+    assert ref() is None
+    with pytest.raises(UsageError, match="no experiment loaded yet"):
+        shell.run_line_magic("alma", "status")
+
+
+def test_quickstart_offers_a_reset_for_an_experiment_already_run(
+    shell: InteractiveShell, tmp_path: Path
+) -> None:
+    """After ``alma run`` the quickstart would show "finished" everywhere: right after
+    the load cell it offers ``d.reset()``, commented out so a top-to-bottom run keeps
+    the results."""
+    nb = nbformat.read(NOTEBOOKS / "quickstart.ipynb", as_version=4)
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    load = next(i for i, s in enumerate(code) if s.startswith("import alma.experiment"))
+    start = code.index("d.start()")
+    offer = code[load + 1]
+    assert load + 1 < start and "# d.reset()" in offer  # before anything starts runs
+
+    exp = write_experiment(tmp_path, {"a.txt": 1, "b.txt": 1})
+    shell.run_cell(code[load].replace("../examples/maxcut.experiment", str(exp))).raise_error()
+    d = shell.user_ns["d"]
+    d.start()
+    assert d.join(timeout=30) and d.finished  # what `alma run` leaves behind
+
+    shell.run_cell(offer).raise_error()  # as shipped: nothing is forgotten
+    assert d.finished and d.progress.done == 4
+    shell.run_cell(offer.replace("# d.reset()", "d.reset()")).raise_error()
+    assert d.progress.done == 0 and d.progress.pending == 4 and not d.finished

@@ -3,11 +3,13 @@ follows its status, a broken widget never breaks a run, and no timer thread leak
 
 from __future__ import annotations
 
+import gc
 import logging
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +242,40 @@ def test_close_ends_the_timer(tmp_path: Path, cleanup: list[Any]) -> None:
     assert set(_instances) == models_before  # every part was closed
     assert d.running  # closing the view leaves the experiment alone
     assert alma.notebook.controller_for(d) is not c  # a closed controller is not reused
+
+
+def test_a_closed_controller_lets_its_dispatcher_go(tmp_path: Path, cleanup: list[Any]) -> None:
+    d = make_dispatcher(tmp_path, quick_run)
+    c = alma.notebook.controller_for(d)
+    cleanup.append(c)
+    ref = weakref.ref(d)
+    c.close()
+    assert c.dispatcher is None
+    d.close()  # the state file; what must go is the object (and its connection)
+    del d
+    gc.collect()
+    assert ref() is None
+
+
+class _Holder:
+    """Stands for a controller the widget machinery dropped without close()."""
+
+    closed = False
+
+    def __init__(self, dispatcher: Any) -> None:
+        self.dispatcher = dispatcher
+
+
+def test_the_registry_alone_keeps_no_dispatcher_alive(tmp_path: Path) -> None:
+    d = make_dispatcher(tmp_path, quick_run)
+    holder = _Holder(d)  # like a controller, it holds its dispatcher strongly
+    alma.notebook._register(d, holder)  # type: ignore[arg-type]
+    assert alma.notebook.controller_for(d) is holder
+    ref = weakref.ref(d)
+    d.close()
+    del d, holder
+    gc.collect()
+    assert ref() is None
 
 
 def test_one_controller_per_dispatcher(tmp_path: Path, cleanup: list[Any]) -> None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as widgets
 from tqdm.notebook import tqdm as tqdm_notebook
 
-from . import _controllers, _controllers_lock, _register
+from . import _register, _registry, _touch, _unregister
 
 if TYPE_CHECKING:
     from ..dispatcher import Dispatcher, Progress
@@ -195,8 +195,14 @@ class Controller(widgets.VBox):
         self._send_full_state()
 
     def close(self) -> None:
-        """Stop the timer and close the widgets (the dispatcher is left as it is)."""
+        """Stop the timer, close the widgets and let go of the dispatcher (which is left
+        as it is, running or not): a closed controller keeps neither the dispatcher nor
+        its open state file alive."""
         self._shutdown()
+        with self._draw_lock:
+            d, self._dispatcher = self._dispatcher, None
+        if d is not None:
+            _unregister(d, self)
         self.bar.disable = True  # tqdm must not redraw a closed bar when collected
         with self._draw_lock:
             # Close every part (layouts and styles too): the widget registry holds each
@@ -214,6 +220,8 @@ class Controller(widgets.VBox):
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any] | None:
         # Displayed (again): updates now belong to this cell's output area.
         self._context = contextvars.copy_context()
+        if self._dispatcher is not None:
+            _touch(self._dispatcher)  # what the %alma magics act on by default
         self.resync()
         if self._dispatcher is not None and self._dispatcher.running:
             self._ensure_timer()
@@ -441,12 +449,11 @@ class Controller(widgets.VBox):
                 pass
 
     def _retire_others(self, dispatcher: Dispatcher) -> None:
-        with _controllers_lock:
-            others = [
-                c
-                for d, c in _controllers.items()
-                if d is not dispatcher and d.state_path == dispatcher.state_path
-            ]
+        others = [
+            c
+            for d, c in _registry()
+            if d is not dispatcher and d.state_path == dispatcher.state_path
+        ]
         for c in others:
             d = c.dispatcher
             if d is not None and not d.running:

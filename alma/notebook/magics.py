@@ -1,13 +1,17 @@
 """The ``%alma`` line magic: drive one experiment from notebook cells.
 
 ``%load_ext alma`` registers it. The magics keep a *current* dispatcher (the last one
-loaded) so that ``%alma stop`` or ``df = %alma results`` need no variable; everything
-they do goes through the Dispatcher's public API, like the controller.
+loaded with ``%alma load``) so that ``%alma stop`` or ``df = %alma results`` need no
+variable. Without one they act on the experiment the notebook shows or made last
+(``d = alma.Experiment(...)`` or ``d = alma.experiment.load(...)`` in a cell, or a
+displayed dispatcher), so mixing code and magics just works. Everything they do goes
+through the Dispatcher's public API, like the controller.
 """
 
 from __future__ import annotations
 
 import shlex
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
@@ -31,7 +35,9 @@ HELP = """\
   %alma state          DataFrame per instance       (df = %alma state)
   %alma retry          run the failed runs again
 
-The magics act on the experiment loaded last. In Python the same is
+The magics act on the experiment loaded last with %alma load; without
+one, on the experiment displayed or assigned to a variable last (e.g.
+d = alma.Experiment(...)). In Python the same is
 d = alma.experiment.load(PATH); d.start(); d.stop(); d.results; d.state.
 """
 
@@ -57,8 +63,15 @@ class AlmaMagics(Magics):
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
-        #: The dispatcher the subcommands act on (set by ``load`` / ``start PATH``).
+        #: The dispatcher the subcommands act on (set by ``load`` / ``start PATH``); when
+        #: None they fall back to ``alma.notebook.last_dispatcher()``.
         self.dispatcher: Dispatcher | None = None
+        # Dispatchers already seen in the user's namespace: only a new one (a cell just
+        # made it) becomes the fallback, so re-running an old cell order is respected.
+        self._seen: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
+        if shell is not None:
+            self._discover()
+            shell.events.register("post_run_cell", self._discover)
 
     @line_magic
     def alma(self, line: str = "") -> Any:
@@ -120,12 +133,38 @@ class AlmaMagics(Magics):
         print(f"{n} failed run(s) will run again.{hint}")
 
     def _current(self, command: str) -> Dispatcher:
-        if self.dispatcher is None:
+        if self.dispatcher is not None:
+            return self.dispatcher
+        from . import last_dispatcher
+
+        self._discover()  # e.g. `d = alma.Experiment(...)` earlier in this very cell
+        d = last_dispatcher()
+        if d is None:
             raise _usage(
-                f"%alma {command}: no experiment loaded yet. "
-                "Run %alma load PATH (or %alma start PATH) first."
+                f"%alma {command}: no experiment loaded yet. Run %alma load PATH "
+                "(or %alma start PATH) first, or make one in code: "
+                "d = alma.Experiment(...) or d = alma.experiment.load(PATH)."
             )
-        return self.dispatcher
+        return d
+
+    def _discover(self, *_args: Any) -> None:
+        """Note dispatchers that appeared in the user's namespace since the last look
+        (run after every cell): the newest becomes what the magics act on by default."""
+        from ..dispatcher import Dispatcher
+        from . import _touch
+
+        namespace = getattr(self.shell, "user_ns", None) or {}
+        try:
+            values = list(namespace.values())
+        except Exception:  # a namespace changing under us: look again after the next cell
+            return
+        for value in values:
+            try:
+                if isinstance(value, Dispatcher) and value not in self._seen:
+                    self._seen.add(value)
+                    _touch(value)
+            except Exception:  # an odd object in the namespace is none of our business
+                continue
 
 
 def _load(path: str) -> Dispatcher:
@@ -144,10 +183,10 @@ def _show(dispatcher: Dispatcher) -> None:
 
 def _resync(d: Dispatcher) -> None:
     """Bring the controller shown for ``d`` (if any) up to date from this cell."""
-    from . import _controllers
+    from . import _registered
 
-    controller = _controllers.get(d)
-    if controller is not None and not controller.closed:
+    controller = _registered(d)
+    if controller is not None:
         controller.resync()
         if d.running:
             controller._ensure_timer()
