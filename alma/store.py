@@ -325,9 +325,12 @@ class Store:
         if self._writer is not None:
             # SQLite folds the WAL in on close only for the last connection, and our own
             # read-only reader is usually still open: without this, the .sqlite file alone
-            # (copied elsewhere) would miss the session. PASSIVE never waits for readers.
+            # (copied elsewhere) would miss the session. TRUNCATE also empties the -wal
+            # file; a reader mid-transaction elsewhere makes it give up after the short
+            # busy timeout rather than wait.
             with contextlib.suppress(sqlite3.Error):  # if it fails, the WAL still holds all
-                self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                self._writer.execute("PRAGMA busy_timeout = 200")
+                self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._writer.close()
             self._writer = None
 

@@ -74,6 +74,8 @@ def test_after_a_session_the_state_file_alone_holds_everything(
     exp = make_experiment(iterations=50)
     out = alma_cli("run", "-q", exp)
     assert out.returncode == 0, out.stderr
+    wal = tmp_path / "example.experiment.sqlite-wal"
+    assert not wal.exists() or wal.stat().st_size == 0  # emptied, not left at full size
     copy = tmp_path / "elsewhere"
     copy.mkdir()
     shutil.copy(tmp_path / "example.experiment.sqlite", copy / "example.experiment.sqlite")
