@@ -42,6 +42,18 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         time.sleep(interval)
 
 
+def make_files(tmp_path: Path, n: int) -> list[str]:
+    """``n`` small files ``data/f<i>.txt`` under ``tmp_path``; returns their paths."""
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    out = []
+    for i in range(n):
+        f = data / f"f{i}.txt"
+        f.write_text(str(i))
+        out.append(str(f))
+    return out
+
+
 def listing(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` with its bytes: compare before/after to prove no write."""
     return {

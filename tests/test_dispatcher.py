@@ -18,21 +18,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import wait_until
+from conftest import make_files, wait_until
 
 import alma
 import alma.experiment
-
-
-def make_files(tmp_path: Path, n: int) -> list[str]:
-    data = tmp_path / "data"
-    data.mkdir(exist_ok=True)
-    out = []
-    for i in range(n):
-        f = data / f"f{i}.txt"
-        f.write_text(str(i))
-        out.append(str(f))
-    return out
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import wait_until
+from conftest import make_files, wait_until
 
 import alma
 import alma.experiment
@@ -19,15 +19,6 @@ from alma.dispatcher import Dispatcher
 from alma.store import Store
 
 GATE = threading.Event()
-
-
-def _files(tmp_path: Path, n: int) -> list[str]:
-    out = []
-    for i in range(n):
-        f = tmp_path / f"f{i}.txt"
-        f.write_text(str(i))
-        out.append(str(f))
-    return out
 
 
 @pytest.fixture
@@ -61,7 +52,7 @@ def test_start_right_after_a_timed_out_stop_neither_hangs_nor_loses_the_run(
         real_write(self, *args)
 
     monkeypatch.setattr(Store, "write", slow_write)
-    d = alma.Experiment(run=held, instances=_files(tmp_path, 1), state=tmp_path / "s.sqlite")
+    d = alma.Experiment(run=held, instances=make_files(tmp_path, 1), state=tmp_path / "s.sqlite")
     made.append(d)
     d.start()
     wait_until(lambda: d.progress.running == 1)
@@ -90,7 +81,7 @@ def test_a_state_file_that_cannot_be_written_stops_with_a_clear_error(
 
     monkeypatch.setattr(Store, "write", failing_write)
     d = alma.Experiment(
-        run=slow, instances=_files(tmp_path, 3), iterations=200, state=tmp_path / "s.sqlite"
+        run=slow, instances=make_files(tmp_path, 3), iterations=200, state=tmp_path / "s.sqlite"
     )
     made.append(d)
     d.start()
@@ -103,7 +94,7 @@ def test_a_state_file_that_cannot_be_written_stops_with_a_clear_error(
     monkeypatch.setattr(Store, "write", real_write)
     # What was committed counts, nothing more; a new start finishes the rest.
     again = alma.Experiment(
-        run=slow, instances=_files(tmp_path, 3), iterations=200, state=tmp_path / "s.sqlite"
+        run=slow, instances=make_files(tmp_path, 3), iterations=200, state=tmp_path / "s.sqlite"
     )
     made.append(again)
     assert again.progress.done == len(again.results)
@@ -127,7 +118,7 @@ def test_a_failing_executor_is_reported_not_silent(
     monkeypatch.setattr(Dispatcher, "report", report)
     d = alma.Experiment(
         run=len,
-        instances=_files(tmp_path, 2),
+        instances=make_files(tmp_path, 2),
         iterations=3,
         workers=2,
         state=tmp_path / "s.sqlite",
@@ -147,7 +138,7 @@ def test_a_pandas_series_result_keeps_its_labels(tmp_path: Path, made: list[Disp
     def run(instance: str) -> pd.Series:
         return pd.Series({"mean": 1.5, "spread": 0.25})
 
-    d = alma.Experiment(run=run, instances=_files(tmp_path, 1), state=tmp_path / "s.sqlite")
+    d = alma.Experiment(run=run, instances=make_files(tmp_path, 1), state=tmp_path / "s.sqlite")
     made.append(d)
     d.start()
     assert d.join(timeout=20)
@@ -159,7 +150,7 @@ def test_experiments_in_one_folder_get_their_own_state_by_default(
     tmp_path: Path, made: list[Dispatcher], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    files = _files(tmp_path, 2)
+    files = make_files(tmp_path, 2)
 
     def count_words(instance: str) -> int:
         return 1
@@ -185,13 +176,15 @@ def test_experiments_in_one_folder_get_their_own_state_by_default(
 def test_loading_again_finds_the_running_dispatcher_among_several(
     tmp_path: Path, made: list[Dispatcher]
 ) -> None:
-    d = alma.Experiment(run=held, instances=_files(tmp_path, 1), state=tmp_path / "s.sqlite")
-    other = alma.Experiment(run=held, instances=_files(tmp_path, 1), state=tmp_path / "s.sqlite")
+    d = alma.Experiment(run=held, instances=make_files(tmp_path, 1), state=tmp_path / "s.sqlite")
+    other = alma.Experiment(
+        run=held, instances=make_files(tmp_path, 1), state=tmp_path / "s.sqlite"
+    )
     made += [d, other]
     d.start()  # the first one runs; the registry also knows the second, idle one
     with pytest.warns(UserWarning, match="already running"):
         again = alma.Experiment(
-            run=held, instances=_files(tmp_path, 1), state=tmp_path / "s.sqlite"
+            run=held, instances=make_files(tmp_path, 1), state=tmp_path / "s.sqlite"
         )
     assert again is d
     with pytest.raises(alma.LockedError, match="already running in this process"):
@@ -209,7 +202,7 @@ def test_dates_and_paths_are_stored_as_text(tmp_path: Path, made: list[Dispatche
     def run(instance: str) -> dict[str, Any]:
         return {"when": datetime.datetime(2026, 1, 2, 3, 4, 5), "file": Path(instance)}
 
-    files = _files(tmp_path, 1)
+    files = make_files(tmp_path, 1)
     d = alma.Experiment(run=run, instances=files, state=tmp_path / "s.sqlite")
     made.append(d)
     d.start()
