@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 #: Seconds between group commits of finished runs.
 COMMIT_INTERVAL = 0.005
+#: Seconds between re-reads of counts that another process changed: a reader (a
+#: notebook watching `alma run`, say) polls often, and a recount scans every result.
+REFRESH_INTERVAL = 0.5
 #: Finished runs that may wait for a commit before workers are held back.
 MAX_QUEUED_RUNS = 20_000
 
@@ -109,6 +112,7 @@ class Dispatcher:
         self._done: list[int] = [0] * len(spec.instances)
         self._failed: list[int] = [0] * len(spec.instances)
         self._cache_version: int | None = None
+        self._refreshed_at = -REFRESH_INTERVAL
         self._session_start = 0.0
         self._launched = False  # runs were handed to an executor in this process
         self._session_end: float | None = None
@@ -543,6 +547,10 @@ class Dispatcher:
         """Re-read per-instance counts from the store when another connection changed it."""
         if self._active and not force:
             return
+        now = time.monotonic()
+        if not force and now - self._refreshed_at < REFRESH_INTERVAL:
+            return
+        self._refreshed_at = now
         version = self._store.data_version() if not force else None
         if version is not None and version == self._cache_version:
             return

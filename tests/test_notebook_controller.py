@@ -359,3 +359,33 @@ def test_reloading_a_running_experiment_reuses_dispatcher_and_controller(
     assert again is d
     assert alma.notebook.controller_for(again) is c
     assert not c.closed
+
+
+def test_a_run_in_another_process_is_watched_not_shown_paused(
+    make_experiment: Any, cleanup: list[Any]
+) -> None:
+    """A notebook watching `alma run` in a terminal: live counts, no misleading buttons."""
+    from conftest import alma_popen
+
+    exp = make_experiment(
+        "import time\n"
+        "def run(instance, save_callback, state):\n"
+        "    time.sleep(0.02)\n"
+        "    return 1\n",
+        instances=4,
+        iterations=25,
+    )
+    d = alma.experiment.load(exp)
+    c = Controller(d)
+    cleanup += [c, d]
+    proc = alma_popen("run", "-q", exp)
+    try:
+        wait_for(lambda: d.running_elsewhere is not None, timeout=30)
+        c._ensure_timer()
+        wait_for(lambda: c.status_label.value == controller_mod.ELSEWHERE, timeout=10)
+        assert c.start_button.disabled and c.stop_button.disabled
+        first = d.progress.done
+        wait_for(lambda: d.progress.done > first, timeout=10)  # it follows the other process
+    finally:
+        assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
+    wait_for(lambda: c.status_label.value == "finished", timeout=10)

@@ -47,7 +47,9 @@ IDLE_GRACE = 2.0
 #: Above this many instances, one cell of the instance view stands for several.
 MAX_CELLS = 1500
 
-_ACTIVE = ("running", "stopping")
+#: Shown while another process or kernel runs the experiment: this view only watches.
+ELSEWHERE = "running elsewhere"
+_ACTIVE = ("running", "stopping", ELSEWHERE)
 
 # Per-instance colours: (css class suffix, colour, legend label).
 _KINDS = {
@@ -314,6 +316,8 @@ class Controller(widgets.VBox):
             status = p.status
             if status == "running" and self._stopper is not None and self._stopper.is_alive():
                 status = "stopping"  # the stop thread may not have reached the engine yet
+            elif status in ("idle", "paused") and d.running_elsewhere:
+                status = ELSEWHERE  # e.g. `alma run` in a terminal: keep watching it
             changed = status != self._last_status
             self._last_status = status
             now = time.monotonic()
