@@ -140,7 +140,17 @@ def test_save_callback_rejects_non_json_with_type_error(experiment) -> None:
 
     d = run_to_end(experiment(run, n=1))
     message = d.results["result"].iloc[0]
-    assert "object" in message and "JSON" in message
+    assert message.startswith("checkpoint['obj']: ")  # says where the bad value sits
+    assert "builtins.object" in message and "JSON" in message
+
+
+def test_an_unstorable_value_deep_in_a_result_is_named_by_its_path(experiment) -> None:
+    def run(instance):
+        return {"scores": [1, 2, {"best": object()}]}
+
+    row = run_to_end(experiment(run, n=1)).results.iloc[0]
+    assert row["status"] == "failed"
+    assert row["error"].startswith("TypeError: result['scores'][2]['best']: an object of type")
 
 
 def test_unstored_checkpoint_fails_the_run_when_not_caught(experiment) -> None:

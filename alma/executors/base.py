@@ -149,9 +149,27 @@ def _json_default(obj: Any) -> Any:
     )
 
 
-def to_json(obj: Any) -> str:
-    """Encode a result or checkpoint; raises TypeError naming the unstorable type."""
-    return json.dumps(obj, default=_json_default, separators=(",", ":"))
+def to_json(obj: Any, what: str = "result") -> str:
+    """Encode a result or checkpoint; TypeError names where the unstorable value sits."""
+    try:
+        return json.dumps(obj, default=_json_default, separators=(",", ":"))
+    except TypeError as exc:
+        raise TypeError(f"{_unstorable(obj, what)}: {exc}") from None
+
+
+def _unstorable(obj: Any, path: str) -> str:
+    """Path (e.g. ``result['when']``) of the first value JSON cannot store (failure path)."""
+    items: Any = ()
+    if isinstance(obj, dict):
+        items = ((f"{path}[{k!r}]", v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
+    for sub, value in items:
+        try:
+            json.dumps(value, default=_json_default)
+        except TypeError:
+            return _unstorable(value, sub)
+    return path
 
 
 _ALMA_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -178,7 +196,7 @@ def execute(
     """
 
     def save_callback(obj: Any) -> None:
-        text = to_json(obj)
+        text = to_json(obj, "checkpoint")
         task.state = text
         checkpoint(task, text)
 
