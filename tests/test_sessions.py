@@ -59,7 +59,8 @@ def test_start_right_after_a_timed_out_stop_neither_hangs_nor_loses_the_run(
     with pytest.warns(UserWarning, match="still going"):
         assert d.stop(timeout=0.05) is False
     GATE.set()  # the held run ends now; its commit is slow
-    starter = threading.Thread(target=d.start)
+    wait_until(lambda: d.progress.running == 0)  # ended, its commit not yet done
+    starter = threading.Thread(target=d.start, daemon=True)
     starter.start()
     starter.join(timeout=10)
     assert not starter.is_alive(), "start() hung"
