@@ -99,7 +99,6 @@ class Dispatcher:
         self._idle.set()
         self._active = False  # a session holds the lock and the writer
         self._stopping = False
-        self._finished = False
         self._plan: Iterator[tuple[int, int]] | None = None
         self._inflight: dict[tuple[int, int], Task] = {}  # executing now
         self._saving: set[tuple[int, int]] = set()  # finished, waiting for the group commit
@@ -355,10 +354,10 @@ class Dispatcher:
         self._launch(free)
 
     def close(self) -> None:
-        """Stop (waiting for in-flight runs) and release the state file."""
+        """Stop (waiting for in-flight runs) and release the state file.
+
+        Once stop() returns, every executor has ended and cleaned up after itself."""
         self.stop()
-        for ex in self._executors:
-            ex.close()
         self._store.close()
 
     def __enter__(self) -> Dispatcher:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import threading
 import warnings
 import weakref
@@ -115,8 +114,6 @@ def Experiment(  # noqa: N802 - reads like a class in notebooks, returns a Dispa
     default = re.sub(r"\W", "_", getattr(run, "__name__", "") or "experiment")
     name = name or default
     state_path = check_state_dir(where, Path(state or f"{default}.sqlite").resolve())
-    module = getattr(run, "__module__", None)
-    module_file = getattr(sys.modules.get(module or ""), "__file__", None)
     return _dispatcher(
         Spec(
             name=name,
@@ -125,7 +122,6 @@ def Experiment(  # noqa: N802 - reads like a class in notebooks, returns a Dispa
             paths=paths,
             state_path=state_path,
             code_hash=function_hash(run),
-            module_path=Path(module_file) if module_file and module != "__main__" else None,
             **options,
         )
     )

@@ -59,9 +59,6 @@ class Spec:
     timeout: float | None = None
     #: sha256 of the run module's file (or of the function's source), recorded per run.
     code_hash: str = ""
-    #: The run module's file, when it came from one (processes and Dask re-import it).
-    module_path: Path | None = None
-    source: Path | None = None
 
     @property
     def total(self) -> int:
@@ -451,8 +448,6 @@ def read_experiment(path: str | os.PathLike[str]) -> Spec:
         paths=paths,
         state_path=state,
         code_hash=hash_bytes(module.read_bytes()),
-        module_path=module,
-        source=exp,
         **options,
     )
 

@@ -124,9 +124,6 @@ class Executor(ABC):
     def stop(self) -> None:  # noqa: B027 - optional hook
         """A stop was asked (``source.stopping`` is already True). Abort if you can."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release resources (pools, clients)."""
-
 
 def _json_default(obj: Any) -> Any:
     # numpy (and pandas) scalars and arrays, without importing numpy.

@@ -211,11 +211,6 @@ class DaskExecutor(Executor):
             self._stopping = True
         threading.Thread(target=self._cancel_unstarted, name="alma-dask-stop", daemon=True).start()
 
-    def close(self) -> None:
-        self.stop()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(30)
-
     # -- connecting ------------------------------------------------------------------
 
     def _connect(self, distributed: Any, address: str) -> Any:

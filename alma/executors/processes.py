@@ -192,9 +192,6 @@ class ProcessExecutor(Executor):
         for child in children:
             child.kill()
 
-    def close(self) -> None:
-        self.stop()
-
     # -- one run -----------------------------------------------------------------------
 
     def _run_task(
