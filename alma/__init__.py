@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
-from .dispatcher import Dispatcher, Progress, RunError
+from .dispatcher import Dispatcher, Progress
 from .errors import AlmaError, ConfigError, Interrupted, LockedError, StateError
 from .experiment import Experiment, load
+from .records import RunError
 
 __version__ = "0.1.0"
 

@@ -25,6 +25,12 @@ class AlmaError(Exception):
 class ConfigError(AlmaError, ValueError):
     """An experiment, batch or run module is invalid; nothing was run or written."""
 
+    @classmethod
+    def at(cls, where: object, field: str | None, problem: str, fix: str) -> ConfigError:
+        """The one message shape: ``<file>, field '<field>': <problem>. <fix>``."""
+        field_part = f", field {field!r}" if field else ""
+        return cls(f"{where}{field_part}: {problem}. {fix}")
+
 
 class StateError(AlmaError):
     """A state file cannot be used (corrupt, not alma's, or another experiment's).

@@ -19,13 +19,14 @@ from typing import Any
 
 from .dispatcher import Dispatcher
 from .errors import ConfigError
+from .runfunc import check_signature, function_hash
 from .spec import (
+    OPTION_FIELDS,
+    Options,
     Spec,
-    build_options,
-    check_run_signature,
     check_state_dir,
     expand_instances,
-    function_hash,
+    parse_options,
     read_batch,
     read_experiment,
 )
@@ -67,13 +68,13 @@ def Experiment(  # noqa: N802 - reads like a class in notebooks, returns a Dispa
     instances: Sequence[str | os.PathLike[str]] | None = None,
     *,
     batch: str | os.PathLike[str] | None = None,
-    iterations: int = 1,
-    workers: int = 1,
+    iterations: int = Options.iterations,
+    workers: int = Options.workers,
     state: str | os.PathLike[str] | None = None,
-    order: str = "round-robin",
-    retries: int = 0,
-    executor: Any = "threads",
-    timeout: float | None = None,
+    order: str = Options.order,
+    retries: int = Options.retries,
+    executor: Any = Options.executor.name,
+    timeout: float | None = Options.timeout,
     name: str | None = None,
 ) -> Dispatcher:
     """Define an experiment in code (e.g. a notebook cell) and return its Dispatcher.
@@ -83,7 +84,9 @@ def Experiment(  # noqa: N802 - reads like a class in notebooks, returns a Dispa
     the working directory) makes the experiment resumable: after a kernel restart,
     running the same cells again picks up where it stopped. ``name`` (default: the
     function's name) is recorded in the state file, which then refuses (StateError)
-    another experiment; pass the old name to keep a renamed function's results.
+    another experiment; pass the old name to keep a renamed function's results. The
+    other keywords are the fields of an ``.experiment`` file, with the same defaults
+    (declared once, in :class:`alma.spec.Options`).
     """
     where = "Experiment()"
     if not callable(run):
@@ -91,24 +94,15 @@ def Experiment(  # noqa: N802 - reads like a class in notebooks, returns a Dispa
             f"{where}, argument 'run': expected a function, got {run!r}. "
             "Pass the function itself: Experiment(run=my_run, ...)."
         )
-    check_run_signature(run, where)
+    check_signature(run, where)
     if (instances is None) == (batch is None):
         raise ConfigError(f"{where}: give exactly one of instances=[...] or batch='x.batch'.")
     if batch is not None:
         names, paths = read_batch(batch)
     else:
         names, paths = expand_instances(instances, Path.cwd(), where)
-    options = build_options(
-        where,
-        {
-            "iterations": iterations,
-            "workers": workers,
-            "order": order,
-            "retries": retries,
-            "executor": executor,
-            "timeout": timeout,
-        },
-    )
+    given = locals()
+    options = parse_options(where, {key: given[key] for key in OPTION_FIELDS})
     # Named after the function by default, so two experiments in one folder never share
     # a state file by accident; the name guards the file against another function.
     default = re.sub(r"\W", "_", getattr(run, "__name__", "") or "experiment")

@@ -9,40 +9,97 @@ from __future__ import annotations
 
 import difflib
 import glob
-import hashlib
-import importlib.util
-import inspect
 import json
 import math
 import os
-import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from . import executors
 from .errors import ConfigError
+from .executors import ExecutorChoice
+from .runfunc import hash_bytes, load_module_run
 
-#: Keys an ``.experiment`` file may hold, with their defaults (None: required / unset).
-EXPERIMENT_KEYS: dict[str, Any] = {
-    "load": None,
-    "batch": None,
-    "iterations": 1,
-    "workers": 1,
-    "order": "round-robin",
-    "retries": 0,
-    "state": None,
-    "executor": "threads",
-    "timeout": None,
-}
+#: The orders runs can go in (see alma.plan).
 ORDERS = ("round-robin", "instance")
 #: Suffix of the default state file, written next to the experiment file.
 STATE_SUFFIX = ".sqlite"
-RUN_PARAMETERS = ("instance", "save_callback", "state", "iteration")
 
 
-@dataclass(frozen=True)
-class Spec:
+def _count(minimum: int) -> Callable[[str | Path, str, Any], int]:
+    def check(where: str | Path, key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise _fail(
+                where,
+                key,
+                f"expected an integer >= {minimum}, got {value!r}",
+                f'Write for example "{key}": {max(minimum, 1)}.',
+            )
+        return value
+
+    return check
+
+
+def _order(where: str | Path, key: str, value: Any) -> str:
+    if value not in ORDERS:
+        close = difflib.get_close_matches(str(value), ORDERS, n=1)
+        hint = f"Did you mean {close[0]!r}?" if close else f"Use one of {list(ORDERS)}."
+        raise _fail(where, key, f"{value!r} is not one of {list(ORDERS)}", hint)
+    return str(value)
+
+
+def _timeout(where: str | Path, key: str, value: Any) -> float | None:
+    if value is not None and (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not math.isfinite(value))  # NaN <= 0 is False
+        or value <= 0
+    ):
+        raise _fail(
+            where,
+            key,
+            f"expected a finite number of seconds > 0, got {value!r}",
+            f'Write for example "{key}": 600, or leave it out.',
+        )
+    return value
+
+
+def _executor(where: str | Path, key: str, value: Any) -> ExecutorChoice:
+    return executors.parse(value, where)
+
+
+DEFAULT_EXECUTOR = ExecutorChoice("threads")
+
+
+def _option(default: Any, check: Callable[[str | Path, str, Any], Any]) -> Any:
+    """A field of Options: its default, and the check that validates a given value."""
+    return field(default=default, metadata={"check": check})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """The tunable fields of an experiment, declared once: their names, defaults and
+    checks. The ``.experiment`` validator, :class:`Spec` and :func:`alma.Experiment`
+    all derive from this declaration (docs/experiment.md describes each field)."""
+
+    iterations: int = _option(1, _count(1))
+    workers: int = _option(1, _count(1))
+    order: str = _option("round-robin", _order)
+    retries: int = _option(0, _count(0))
+    executor: ExecutorChoice = _option(DEFAULT_EXECUTOR, _executor)  # noqa: RUF009 - frozen
+    timeout: float | None = _option(None, _timeout)
+
+
+#: The names of the tunable fields, in declaration order.
+OPTION_FIELDS = tuple(f.name for f in fields(Options))
+#: Every field an ``.experiment`` file may hold.
+EXPERIMENT_FIELDS = ("load", "batch", *OPTION_FIELDS, "state")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Spec(Options):
     """A validated experiment: everything the dispatcher needs, nothing it must re-check."""
 
     name: str
@@ -50,13 +107,7 @@ class Spec:
     #: Instances as listed (globs expanded), and their resolved file paths.
     instances: tuple[str, ...]
     paths: tuple[str, ...] = field(repr=False)
-    iterations: int = 1
-    workers: int = 1
-    order: str = "round-robin"
-    retries: int = 0
-    state_path: Path = Path("alma.sqlite")
-    executor: Any = "threads"
-    timeout: float | None = None
+    state_path: Path
     #: sha256 of the run module's file (or of the function's source), recorded per run.
     code_hash: str = ""
 
@@ -66,9 +117,7 @@ class Spec:
         return len(self.instances) * self.iterations
 
 
-def _fail(where: str | Path, key: str | None, problem: str, fix: str) -> ConfigError:
-    field_part = f", field {key!r}" if key else ""
-    return ConfigError(f"{where}{field_part}: {problem}. {fix}")
+_fail = ConfigError.at
 
 
 def _article(word: str) -> str:
@@ -112,17 +161,6 @@ def _check_keys(path: str | Path, data: dict[str, Any], allowed: Sequence[str]) 
         close = difflib.get_close_matches(key, allowed, n=1)
         hint = f"Did you mean {close[0]!r}?" if close else f"Known fields: {', '.join(allowed)}."
         raise _fail(path, key, "unknown field", hint)
-
-
-def _int_field(where: str | Path, key: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _fail(
-            where,
-            key,
-            f"expected an integer >= {minimum}, got {value!r}",
-            f'Write for example "{key}": {max(minimum, 1)}.',
-        )
-    return value
 
 
 def read_batch(
@@ -204,177 +242,13 @@ def expand_instances(
     return tuple(names), tuple(names.values())
 
 
-def hash_bytes(data: bytes) -> str:
-    """Short, stable identifier of a run module's code."""
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def load_module_run(module: Path, where: str | Path) -> Callable[..., Any]:
-    """Import the run module from its file and return its ``run`` function."""
-    if not module.is_file():
-        raise _fail(
-            where,
-            "load",
-            f"run module {str(module)!r} not found",
-            f"Give the path of a .py file, relative to the experiment's folder "
-            f"({Path(where).parent}).",
-        )
-    name = f"alma_run_{hash_bytes(str(module).encode())}"
-    spec = importlib.util.spec_from_file_location(name, module)
-    if spec is None or spec.loader is None:
-        raise _fail(
-            where,
-            "load",
-            f"{module} is not an importable Python file",
-            "Give the path of a .py file.",
-        )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # lets pickling, dataclasses and typing find the module
-    try:
-        spec.loader.exec_module(mod)
-    except Exception as exc:
-        sys.modules.pop(name, None)
-        raise ConfigError(
-            f"{where}, field 'load': importing {module} failed with "
-            f"{type(exc).__name__}: {exc}. Fix the module."
-        ) from exc
-    run = getattr(mod, "run", None)
-    if not callable(run):
-        raise _fail(
-            module,
-            None,
-            "defines no function run(instance, save_callback, state)",
-            "Add one; alma calls it once per (instance, iteration).",
-        )
-    check_run_signature(run, module)
-    return run
-
-
-def check_run_signature(run: Callable[..., Any], where: str | Path) -> None:
-    """Refuse a run function alma could not call, before anything runs."""
-    try:
-        sig = inspect.signature(run)
-    except (TypeError, ValueError):
-        return  # builtins and C callables: trust them
-    # Mirrors make_caller: only the first three positional slots are filled by position.
-    for idx, p in enumerate(sig.parameters.values()):
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        if p.name in RUN_PARAMETERS and p.kind is not p.POSITIONAL_ONLY:
-            continue
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and idx < 3:
-            continue
-        if p.default is p.empty:
-            raise _fail(
-                where,
-                None,
-                f"run() requires a parameter {p.name!r} that alma cannot supply",
-                "alma passes instance, save_callback, state and, "
-                "if declared, iteration; give other parameters a default.",
-            )
-
-
-def make_caller(run: Callable[..., Any]) -> Callable[[str, Any, Any, int], Any]:
-    """Adapt ``run`` so alma can always call ``caller(instance, save, state, iteration)``.
-
-    Only the parameters that ``run`` declares are passed: by name when they use alma's
-    names, else by position (instance, save_callback, state), so ``def run(path)`` works.
-    """
-    try:
-        params = list(inspect.signature(run).parameters.values())
-    except (TypeError, ValueError):
-        return lambda i, s, st, it: run(i, s, st)
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return lambda i, s, st, it: run(instance=i, save_callback=s, state=st, iteration=it)
-    order = ("instance", "save_callback", "state")
-    positional: list[str] = []  # value names passed by position, in order
-    keyword: dict[str, str] = {}  # parameter name -> value name
-    contiguous = True
-    for idx, p in enumerate(params):
-        if p.kind is p.VAR_POSITIONAL:
-            contiguous = False
-            continue
-        if p.name in RUN_PARAMETERS and p.kind is not p.POSITIONAL_ONLY:
-            value = p.name
-        elif p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and idx < 3:
-            value = order[idx]
-        else:
-            contiguous = False  # has a default (check_run_signature made sure)
-            continue
-        if contiguous and p.kind is not p.KEYWORD_ONLY:
-            positional.append(value)
-        else:
-            keyword[p.name] = value
-    if not keyword and positional == list(order[: len(positional)]):
-        n = len(positional)  # the common case: a plain positional call, no dict per run
-        if n == 3:
-            return lambda i, s, st, it: run(i, s, st)
-        if n == 2:
-            return lambda i, s, st, it: run(i, s)
-        if n == 1:
-            return lambda i, s, st, it: run(i)
-
-    def caller(i: str, s: Any, st: Any, it: int) -> Any:
-        values = {"instance": i, "save_callback": s, "state": st, "iteration": it}
-        return run(
-            *[values[v] for v in positional], **{name: values[v] for name, v in keyword.items()}
-        )
-
-    return caller
-
-
-def _check_executor(where: str | Path, value: Any) -> Any:
-    from .executors import REGISTRY, check_executor  # keeps executor names in one place
-
-    try:
-        return check_executor(value)
-    except ConfigError as exc:  # already says the fix (e.g. the package to install)
-        raise ConfigError(f"{where}, field 'executor': {exc}") from None
-    except ValueError as exc:
-        name = next(iter(value), None) if isinstance(value, dict) and len(value) == 1 else value
-        close = difflib.get_close_matches(name, REGISTRY, n=1) if isinstance(name, str) else []
-        raise _fail(
-            where,
-            "executor",
-            str(exc),
-            f"Did you mean {close[0]!r}?"
-            if close and close[0] != name
-            else 'Use "threads", "processes", "dask" or {"dask": "tcp://host:8786"}.',
-        ) from None
-
-
-def build_options(where: str | Path, data: dict[str, Any]) -> dict[str, Any]:
-    """Validate the scalar options shared by files and :func:`alma.Experiment`."""
-    out = {
-        k: data.get(k, EXPERIMENT_KEYS[k])
-        for k in ("iterations", "workers", "order", "retries", "executor", "timeout")
-    }
-    out["iterations"] = _int_field(where, "iterations", out["iterations"], 1)
-    out["workers"] = _int_field(where, "workers", out["workers"], 1)
-    out["retries"] = _int_field(where, "retries", out["retries"], 0)
-    if out["order"] not in ORDERS:
-        close = difflib.get_close_matches(str(out["order"]), ORDERS, n=1)
-        hint = f"Did you mean {close[0]!r}?" if close else ""
-        raise _fail(
-            where,
-            "order",
-            f"{out['order']!r} is not one of {list(ORDERS)}",
-            hint or f"Use one of {list(ORDERS)}.",
-        )
-    t = out["timeout"]
-    if t is not None and (
-        isinstance(t, bool)
-        or not isinstance(t, (int, float))
-        or (isinstance(t, float) and not math.isfinite(t))  # NaN <= 0 is False
-        or t <= 0
-    ):
-        raise _fail(
-            where,
-            "timeout",
-            f"expected a finite number of seconds > 0, got {t!r}",
-            'Write for example "timeout": 600, or leave it out.',
-        )
-    out["executor"] = _check_executor(where, out["executor"])
+def parse_options(where: str | Path, data: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the tunable fields given in ``data`` (files and :func:`alma.Experiment`
+    alike) and fill in the defaults of the others: the keyword arguments of Options."""
+    out: dict[str, Any] = {}
+    for f in fields(Options):
+        value = data.get(f.name, f.default)
+        out[f.name] = f.metadata["check"](where, f.name, value)
     return out
 
 
@@ -416,7 +290,7 @@ def read_experiment(path: str | os.PathLike[str]) -> Spec:
             'this looks like a batch file (it lists "instances"), not an experiment',
             "Pass the .experiment file that names it.",
         )
-    _check_keys(exp, data, list(EXPERIMENT_KEYS))
+    _check_keys(exp, data, EXPERIMENT_FIELDS)
     for key in ("load", "batch"):
         if key not in data:
             example = {"load": '"example.py"', "batch": '"example.batch"'}[key]
@@ -428,7 +302,7 @@ def read_experiment(path: str | os.PathLike[str]) -> Spec:
                 f"expected a file path, got {data[key]!r}",
                 "Give a path relative to the experiment file.",
             )
-    options = build_options(exp, data)
+    options = parse_options(exp, data)
     batch = exp.parent / data["batch"]
     if not batch.is_file():
         raise _fail(
@@ -450,13 +324,3 @@ def read_experiment(path: str | os.PathLike[str]) -> Spec:
         code_hash=hash_bytes(module.read_bytes()),
         **options,
     )
-
-
-def function_hash(func: Callable[..., Any]) -> str:
-    """Hash a function's source (falls back to its bytecode when source is unavailable)."""
-    try:
-        data = inspect.getsource(func).encode()
-    except (OSError, TypeError):
-        code = getattr(func, "__code__", None)
-        data = code.co_code if code is not None else repr(func).encode()
-    return hash_bytes(data)

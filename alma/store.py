@@ -22,9 +22,10 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import StateError
+from .records import DONE, FAILED, CheckpointRecord, RunKey, RunRecord
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -62,10 +63,12 @@ CREATE TABLE sessions (
 );
 """
 
-#: A finished run as the writer stores it:
-#: (instance id, iteration, status, result JSON, error, traceback, attempts,
-#:  duration, finished, code)
-RunRow = tuple[int, int, str, str | None, str | None, str | None, int, float, float, str]
+
+class Counts(NamedTuple):
+    """Finished runs of one instance."""
+
+    done: int
+    failed: int
 
 
 class Store:
@@ -159,22 +162,19 @@ class Store:
         with self._reading() as db:
             return dict(db.execute("SELECT name, id FROM instances"))
 
-    def counts(self, iterations: int) -> dict[int, tuple[int, int]]:
-        """Per instance id: (done, failed) among iterations ``0..iterations-1``."""
-        out: dict[int, list[int]] = {}
+    def counts(self, iterations: int) -> dict[int, Counts]:
+        """Per instance id: done and failed runs among iterations ``0..iterations-1``."""
         if not self.exists():
             return {}
         with self._reading() as db:
             rows = db.execute(
-                "SELECT instance, status, COUNT(*) FROM runs "
-                "WHERE iteration < ? GROUP BY instance, status",
-                (iterations,),
+                "SELECT instance, SUM(status = ?), SUM(status = ?) FROM runs "
+                "WHERE iteration < ? GROUP BY instance",
+                (DONE, FAILED, iterations),
             )
-            for inst, status, n in rows:
-                out.setdefault(inst, [0, 0])[0 if status == "done" else 1] = n
-        return {k: (v[0], v[1]) for k, v in out.items()}
+            return {inst: Counts(done, failed) for inst, done, failed in rows}
 
-    def finished(self, ids: Sequence[int], iterations: int) -> dict[int, bytearray]:
+    def finished_marks(self, ids: Sequence[int], iterations: int) -> dict[int, bytearray]:
         """Per instance id, a bytearray with 1 at every finished iteration (done or failed)."""
         marks = {i: bytearray(iterations) for i in ids}
         if not self.exists():
@@ -192,13 +192,13 @@ class Store:
                         mark[it] = 1
         return marks
 
-    def checkpoints(self) -> dict[tuple[int, int], str]:
+    def checkpoints(self) -> dict[RunKey, str]:
         """Last checkpoint (JSON text) of every unfinished run that saved one."""
         if not self.exists():
             return {}
         with self._reading() as db:
             rows = db.execute("SELECT instance, iteration, state FROM checkpoints")
-            return {(i, it): s for i, it, s in rows}
+            return {RunKey(i, it): s for i, it, s in rows}
 
     def last_session_code(self) -> str | None:
         """Code hash recorded by the previous session, if any."""
@@ -281,9 +281,9 @@ class Store:
 
     def write(
         self,
-        runs: Iterable[RunRow],
-        checkpoints: Iterable[tuple[int, int, str, float]],
-        drop_checkpoints: Iterable[tuple[int, int]],
+        runs: Iterable[RunRecord],
+        checkpoints: Iterable[CheckpointRecord],
+        drop_checkpoints: Iterable[RunKey],
     ) -> None:
         """Commit a group of finished runs and checkpoints in one atomic transaction."""
         db = self._writer
@@ -307,10 +307,12 @@ class Store:
         """Forget finished runs (all, or only the failed ones) so they are owed again."""
         db = self._writer
         assert db is not None, "open_writer() first"
-        where = " WHERE status = 'failed'" if failed_only else ""
         db.execute("BEGIN IMMEDIATE")
         try:
-            n = db.execute(f"DELETE FROM runs{where}").rowcount
+            if failed_only:
+                n = db.execute("DELETE FROM runs WHERE status = ?", (FAILED,)).rowcount
+            else:
+                n = db.execute("DELETE FROM runs").rowcount
             if not failed_only:
                 db.execute("DELETE FROM checkpoints")
             db.execute("COMMIT")

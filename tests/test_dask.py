@@ -29,6 +29,7 @@ from conftest import ExperimentFactory, python_env, wait_until
 
 import alma
 import alma.experiment
+from alma.session import Session
 
 distributed = pytest.importorskip("distributed")
 
@@ -141,6 +142,7 @@ def test_worker_killed_mid_run_loses_and_duplicates_nothing(
     dispatchers: list[Any],
     cluster: Cluster,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -157,13 +159,14 @@ def test_worker_killed_mid_run_loses_and_duplicates_nothing(
     exp.with_suffix(".py").rename(tmp_path / "moved_away.py")
 
     reports: Counter[tuple[str, int]] = Counter()
-    report = d.report
+    report = Session.report
 
-    def counting_report(task: Any, outcome: Any) -> None:
+    def counting_report(self: Session, task: Any, outcome: Any) -> None:
         reports[(task.instance, task.iteration)] += 1
-        report(task, outcome)
+        report(self, task, outcome)
 
-    d.report = counting_report  # the executor calls source.report: count every call
+    # The executor calls source.report (the session's): count every call.
+    monkeypatch.setattr(Session, "report", counting_report)
     pids = cluster.worker_pids(2)
     victim_pid = sorted(pids.values())[0]
     victim = next(p for p in cluster.procs[1:] if _has_descendant(p.pid, victim_pid))
@@ -300,8 +303,7 @@ def test_bad_dask_address_is_a_config_error(make_experiment: ExperimentFactory, 
 def test_run_module_source_reaches_workers_with_its_tracebacks(tmp_path: Path) -> None:
     """The worker side of shipping a run module: loaded from source under its own file
     name, so a failure's traceback shows the user's file and line."""
-    from alma.executors.dask import dump_run, load_run
-    from alma.spec import load_module_run
+    from alma.runfunc import load_module_run, ship, unship
 
     module = tmp_path / "mod.py"
     module.write_text(
@@ -318,12 +320,12 @@ def test_run_module_source_reaches_workers_with_its_tracebacks(tmp_path: Path) -
         )
     )
     run = load_module_run(module, module)
-    kind, data = dump_run(run)
-    assert kind == "module"
-    name = data[0]
+    shipped = ship(run, "dask", "Dask workers", remote=True)
+    assert shipped.module is not None
+    name = shipped.module[0]
     del sys.modules[name]  # as on a worker that never imported it
     module.unlink()  # ... and does not have the file
-    worker_run = load_run(kind, data)
+    worker_run = unship(shipped)
     assert worker_run("abc", None, None) == 6
     import traceback
 

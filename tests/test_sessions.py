@@ -16,6 +16,7 @@ from conftest import make_files, wait_until
 import alma
 import alma.experiment
 from alma.dispatcher import Dispatcher
+from alma.session import Session
 from alma.store import Store
 
 GATE = threading.Event()
@@ -107,16 +108,16 @@ def test_a_state_file_that_cannot_be_written_stops_with_a_clear_error(
 def test_a_failing_executor_is_reported_not_silent(
     tmp_path: Path, made: list[Dispatcher], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_report = Dispatcher.report
+    real_report = Session.report
     broke = threading.Event()
 
-    def report(self: Dispatcher, task: Any, outcome: Any) -> None:
+    def report(self: Session, task: Any, outcome: Any) -> None:
         if not broke.is_set():
             broke.set()
             raise RuntimeError("bookkeeping bug")
         real_report(self, task, outcome)
 
-    monkeypatch.setattr(Dispatcher, "report", report)
+    monkeypatch.setattr(Session, "report", report)
     d = alma.Experiment(
         run=len,
         instances=make_files(tmp_path, 2),

@@ -1,70 +1,96 @@
-"""Executors by name. Optional ones are imported when first asked for.
+"""Executors by name: an open registry, so a new executor is one class and one call.
 
-``"executor"`` in an experiment is ``"threads"`` (default), ``"processes"``, ``"dask"``
-or ``{"dask": "tcp://host:8786"}``.
+``"executor"`` in an experiment is a registered name (``"threads"``, the default,
+``"processes"``, ``"dask"``) or ``{"<name>": options}`` (e.g. ``{"dask":
+"tcp://host:8786"}``); each executor class validates its own options. Built-in
+executors are registered by ``"module:Class"`` and imported when first asked for, so
+optional dependencies stay optional. See "Writing an executor" in docs/executors.md.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
-import importlib.util
 from typing import Any
 
-from .base import Executor, Outcome, RunSource, Task, execute, to_json
+from ..errors import ConfigError
+from .base import Executor, ExecutorChoice, RunSource, execute, to_json
 
-#: name -> "module:Class", imported lazily so optional dependencies stay optional.
-REGISTRY: dict[str, str] = {
+#: name -> the class, or "module:Class" to import on first use.
+_REGISTRY: dict[str, type[Executor] | str] = {
     "threads": "alma.executors.threads:ThreadExecutor",
     "processes": "alma.executors.processes:ProcessExecutor",
     "dask": "alma.executors.dask:DaskExecutor",
 }
 
 
-def check_executor(value: Any) -> tuple[str, Any]:
-    """Normalise an ``"executor"`` value to (name, options); ValueError names valid ones."""
+def register(name: str, cls: type[Executor] | str) -> None:
+    """Make ``cls`` (an :class:`Executor` subclass, or ``"module:Class"`` to import
+    lazily) available as ``"executor": name``; registering a name again replaces it."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"an executor name is a non-empty string, got {name!r}")
+    if not isinstance(cls, str) and not (isinstance(cls, type) and issubclass(cls, Executor)):
+        raise TypeError(f"expected an Executor subclass or 'module:Class', got {cls!r}")
+    _REGISTRY[name] = cls
+
+
+def names() -> list[str]:
+    """The registered executor names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def executor_class(name: str) -> type[Executor]:
+    """The executor class registered under ``name`` (imported on first use)."""
+    cls = _REGISTRY[name]
+    if isinstance(cls, str):
+        module, _, attr = cls.partition(":")
+        cls = _REGISTRY[name] = getattr(importlib.import_module(module), attr)
+    assert not isinstance(cls, str)
+    return cls
+
+
+def parse(value: Any, where: object) -> ExecutorChoice:
+    """Validate an ``"executor"`` value; ConfigError names ``where``, the field and the fix."""
+    if isinstance(value, ExecutorChoice):
+        value = value.name if value.options is None else {value.name: value.options}
     if isinstance(value, dict) and len(value) == 1:
         ((name, options),) = value.items()
     else:
         name, options = value, None
-    if not isinstance(name, str) or name not in REGISTRY:
-        raise ValueError(f"invalid executor {value!r}, expected one of {sorted(REGISTRY)}")
-    if name == "dask":
-        if options is not None and (not isinstance(options, str) or not options):
-            raise ValueError(
-                f"invalid executor {value!r}: a Dask scheduler is given by its address, "
-                'e.g. {"dask": "tcp://host:8786"}'
-            )
-        _require_dask()
-    elif options is not None:
-        raise ValueError(f"invalid executor {value!r}: {name!r} takes no options")
-    return name, options
-
-
-def _require_dask() -> None:
-    """Fail at load time, with the fix, when the optional Dask extra is missing."""
-    if importlib.util.find_spec("distributed") is None:
-        from ..errors import ConfigError
-
-        raise ConfigError(
-            'executor "dask" needs Dask distributed, which is not installed. '
-            'Install it with: pip install "pyalma[dask]"'
+    if not isinstance(name, str) or name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=1) if isinstance(name, str) else []
+        fix = (
+            f"Did you mean {close[0]!r}?"
+            if close
+            else "Use " + ", ".join(executor_class(n).usage or f'"{n}"' for n in names()) + "."
         )
+        raise ConfigError.at(
+            where, "executor", f"invalid executor {value!r}, expected one of {names()}", fix
+        )
+    try:
+        options = executor_class(name).parse_options(options)
+    except ConfigError as exc:  # already says the fix (e.g. the package to install)
+        raise ConfigError(f"{where}, field 'executor': {exc}") from None
+    except ValueError as exc:
+        raise ConfigError.at(
+            where, "executor", f"invalid executor {value!r}: {exc}", _usage(name)
+        ) from None
+    return ExecutorChoice(name, options)
 
 
-def executor_class(name: str) -> type[Executor]:
-    """Import and return the executor class registered under ``name``."""
-    module, _, cls = REGISTRY[name].partition(":")
-    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+def _usage(name: str) -> str:
+    usage = executor_class(name).usage
+    return f"Write {usage}." if usage else f'Write "{name}".'
 
 
 __all__ = [
-    "REGISTRY",
     "Executor",
-    "Outcome",
+    "ExecutorChoice",
     "RunSource",
-    "Task",
-    "check_executor",
     "execute",
     "executor_class",
+    "names",
+    "parse",
+    "register",
     "to_json",
 ]

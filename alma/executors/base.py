@@ -1,10 +1,10 @@
 """What every executor shares: the unit of work, how one run is executed, the interface.
 
 An executor decides *where* runs execute (threads, processes, a Dask cluster). It pulls
-:class:`Task` objects from a :class:`RunSource` (the dispatcher) and hands back
-:class:`Outcome` objects; it never touches the store. ``execute`` below is the one place
-that calls a user's ``run`` function, so retries, checkpoints and JSON conversion behave
-the same on every executor.
+:class:`~alma.records.Task` objects from a :class:`RunSource` (the session) and hands
+back :class:`~alma.records.Outcome` objects; it never touches the store. ``execute``
+below is the one place that calls a user's ``run`` function, so retries, checkpoints and
+JSON conversion behave the same on every executor.
 """
 
 from __future__ import annotations
@@ -21,49 +21,35 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from ..errors import Interrupted
+from ..records import DONE, FAILED, Outcome, Task
+from ..runfunc import Caller
 
 
-@dataclass(slots=True)
-class Task:
-    """One run owed: (instance, iteration), with its last checkpoint if any."""
+@dataclass(frozen=True)
+class ExecutorChoice:
+    """The ``"executor"`` field of an experiment, parsed: a registered name and the
+    options that executor's :meth:`Executor.parse_options` accepted."""
 
-    key: tuple[int, int]  # (instance id in the store, iteration)
-    instance: str  # as listed in the batch
-    path: str  # resolved file path, what run() receives
-    iteration: int
-    state: str | None = None  # last checkpoint, as JSON text
-
-
-@dataclass(slots=True)
-class Outcome:
-    """How a run ended (an aborted run has no outcome: it is simply owed again)."""
-
-    status: str  # "done" | "failed"
-    result: str | None  # JSON text
-    error: str | None
-    traceback: str | None
-    attempts: int
-    duration: float
+    name: str = "threads"
+    options: Any = None
 
 
 class RunSource(Protocol):
-    """The dispatcher, as executors see it."""
-
-    @property
-    def stopping(self) -> bool:
-        """True once a stop was asked: pull no more tasks."""
+    """The session, as executors see it: where tasks come from and outcomes go."""
 
     def next_task(self) -> Task | None:
         """The next run owed, or None when there is none (or a stop was asked)."""
 
     def report(self, task: Task, outcome: Outcome) -> None:
-        """A run finished (done or failed); the dispatcher stores it."""
+        """A run finished (done or failed); the session stores it."""
 
     def abandon(self, task: Task) -> None:
         """A run was aborted (stop); it is owed again."""
 
     def checkpoint(self, task: Task, state: str) -> None:
-        """Durably save a checkpoint (JSON text) of a running task; returns once committed."""
+        """Durably save a checkpoint (JSON text) of a running task; returns once committed.
+
+        Raises :class:`~alma.errors.Interrupted` (after saving) once a stop was asked."""
 
     def executor_done(self) -> None:
         """Called once by the executor when none of its runs is in flight any more."""
@@ -73,14 +59,20 @@ class RunSource(Protocol):
 
 
 class Executor(ABC):
-    """Where runs execute. Subclasses set the class flags and implement start/stop."""
+    """Where runs execute. Subclasses declare their capabilities as class flags, parse
+    their own options, and implement :meth:`start` (and :meth:`stop` if they can abort).
 
-    #: Name used in the experiment's ``"executor"`` field.
-    name: ClassVar[str]
-    #: True when stop() ends in-flight runs at once (their checkpoints are kept).
-    aborts_runs: ClassVar[bool] = False
+    The contract: ``start(source)`` returns at once; the executor pulls tasks with
+    ``source.next_task()`` until it returns None, ends each with exactly one of
+    ``source.report(task, outcome)`` or ``source.abandon(task)``, relays checkpoints
+    through ``source.checkpoint``, and calls ``source.executor_done()`` exactly once,
+    when none of its runs is in flight any more (however it ends).
+    """
+
     #: True when a run over ``timeout`` seconds is ended (else alma warns at load).
     enforces_timeout: ClassVar[bool] = False
+    #: How the ``"executor"`` field selects it, for error messages.
+    usage: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -95,6 +87,16 @@ class Executor(ABC):
         self.retries = retries
         self.timeout = timeout
         self.options = options
+
+    @classmethod
+    def parse_options(cls, options: Any) -> Any:
+        """Validate the options given as ``{"<name>": options}`` (None when the field is
+        just the name) and return them normalised; raise ValueError saying what is
+        wrong, or ConfigError with the fix (e.g. a package to install). Called at load,
+        before anything runs. By default an executor takes no options."""
+        if options is not None:
+            raise ValueError("it takes no options")
+        return None
 
     @abstractmethod
     def start(self, source: RunSource) -> None:
@@ -122,7 +124,9 @@ class Executor(ABC):
             threading.Thread(target=body, name=f"{name}-{n}", daemon=True).start()
 
     def stop(self) -> None:  # noqa: B027 - optional hook
-        """A stop was asked (``source.stopping`` is already True). Abort if you can."""
+        """A stop was asked: ``next_task`` returns None from now on. Abort runs in
+        flight if you can (their checkpoints are kept); by default they end at their
+        next ``save_callback``, which raises Interrupted."""
 
 
 def _json_default(obj: Any) -> Any:
@@ -181,7 +185,7 @@ def _user_traceback(exc: BaseException) -> str:
 
 
 def execute(
-    caller: Callable[[str, Any, Any, int], Any],
+    caller: Caller,
     task: Task,
     checkpoint: Callable[[Task, str], None],
     retries: int,
@@ -194,14 +198,14 @@ def execute(
 
     def save_callback(obj: Any) -> None:
         text = to_json(obj, "checkpoint")
-        task.state = text
+        task.checkpoint = text
         checkpoint(task, text)
 
     attempt = 0
     start = time.perf_counter()
     while True:
         attempt += 1
-        state = None if task.state is None else json.loads(task.state)
+        state = None if task.checkpoint is None else json.loads(task.checkpoint)
         try:
             result = to_json(caller(task.path, save_callback, state, task.iteration))
         except Interrupted:
@@ -210,14 +214,14 @@ def execute(
             if attempt <= retries:
                 continue
             return Outcome(
-                "failed",
-                None,
-                f"{type(exc).__name__}: {exc}",
-                _user_traceback(exc),
-                attempt,
-                time.perf_counter() - start,
+                status=FAILED,
+                result=None,
+                error=f"{type(exc).__name__}: {exc}",
+                traceback=_user_traceback(exc),
+                attempts=attempt,
+                duration=time.perf_counter() - start,
             )
-        return Outcome("done", result, None, None, attempt, time.perf_counter() - start)
+        return Outcome(DONE, result, None, None, attempt, time.perf_counter() - start)
 
 
-__all__ = ["Executor", "Interrupted", "Outcome", "RunSource", "Task", "execute", "to_json"]
+__all__ = ["Executor", "ExecutorChoice", "Outcome", "RunSource", "Task", "execute", "to_json"]

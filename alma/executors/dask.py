@@ -41,26 +41,23 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import importlib.util
 import json
-import linecache
 import logging
 import math
 import secrets
 import socket
-import sys
-import sysconfig
 import threading
-import traceback
-import types
 import uuid
 import warnings
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 from ..errors import AlmaError, ConfigError, Interrupted
-from .base import Executor, Outcome, RunSource, Task, execute
+from ..records import Outcome, RunKey, Task
+from ..runfunc import ShippedRun, make_caller, ship, unship
+from .base import Executor, RunSource, execute
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +85,9 @@ DIRECT_CHECKPOINTS = True
 DIRECT_CONNECT_TIMEOUT = 3.0
 
 _INSTALL_HINT = 'Install it with: pip install "pyalma[dask]"'
+#: What a Dask task returns instead of an Outcome when its run did not end.
+_SKIPPED = "skipped"  # the session stopped before the run started
+_INTERRUPTED = "interrupted"  # a stop aborted it at a checkpoint: owed again
 
 
 def _distributed() -> Any:
@@ -102,82 +102,21 @@ def _distributed() -> Any:
     return distributed
 
 
-def _installed(module: Any) -> bool:
-    """True when a module comes from the Python installation (workers have it too)."""
-    file = getattr(module, "__file__", None)
-    if not file:
-        return True  # builtin
-    roots = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-    path = Path(file).resolve()
-    return any(path.is_relative_to(Path(r).resolve()) for r in roots if r)
-
-
-_pickle_lock = threading.Lock()
-
-
-def dump_run(run: Callable[..., Any]) -> tuple[str, Any]:
-    """What a worker needs to call ``run`` without the run module's file.
-
-    An experiment's run module (``alma_run_*``) travels as its source text and is
-    executed on the worker under the same name and file name, so tracebacks show the
-    user's file and lines. Anything else travels with cloudpickle, by value unless it
-    comes from an installed package.
-    """
-    import cloudpickle
-
-    module = sys.modules.get(getattr(run, "__module__", "") or "")
-    name = getattr(module, "__name__", "")
-    file = getattr(module, "__file__", None)
-    if name.startswith("alma_run_") and file and getattr(run, "__name__", None) == "run":
-        try:
-            return "module", (name, file, Path(file).read_text(encoding="utf-8"))
-        except OSError:
-            pass  # the file went away: pickle the function instead
-    by_value = module is not None and name != "__main__" and not _installed(module)
-    with _pickle_lock:  # registering by value is process-wide: undo it right after
-        if by_value:
-            cloudpickle.register_pickle_by_value(module)
-        try:
-            return "pickle", cloudpickle.dumps(run)
-        except Exception as exc:
-            raise ConfigError(
-                f'executor "dask": the run function {getattr(run, "__qualname__", run)!r} '
-                f"cannot be sent to Dask workers ({type(exc).__name__}: {exc}). Do not let it "
-                "capture unpicklable objects (open files, locks, connections)."
-            ) from exc
-        finally:
-            if by_value:
-                cloudpickle.unregister_pickle_by_value(module)
-
-
-def load_run(kind: str, data: Any) -> Callable[..., Any]:
-    """Inverse of :func:`dump_run`, on a worker."""
-    if kind == "pickle":
-        import cloudpickle
-
-        return cloudpickle.loads(data)  # type: ignore[no-any-return]
-    name, file, source = data
-    module = sys.modules.get(name)
-    if module is None:
-        module = types.ModuleType(name)
-        module.__file__ = file
-        # Tracebacks read lines through linecache; the worker may not have the file.
-        # mtime None: checkcache() keeps the entry.
-        linecache.cache[file] = (len(source), None, source.splitlines(True), file)
-        sys.modules[name] = module  # lets pickling, dataclasses and typing find it
-        try:
-            exec(compile(source, file, "exec"), module.__dict__)
-        except BaseException:
-            sys.modules.pop(name, None)
-            raise
-    return module.run  # type: ignore[no-any-return]
-
-
 class DaskExecutor(Executor):
     """Submits runs to a Dask cluster, ``2 × workers`` at a time."""
 
-    name = "dask"
-    aborts_runs = False  # runs stop at their next save_callback, as with threads
+    usage = '"dask" (a local cluster) or {"dask": "tcp://host:8786"} (a running scheduler)'
+
+    @classmethod
+    def parse_options(cls, options: Any) -> Any:
+        """None (a local cluster) or a scheduler's address; Dask must be installed."""
+        if options is not None and (not isinstance(options, str) or not options):
+            raise ValueError("a Dask scheduler is given by its address")
+        if importlib.util.find_spec("distributed") is None:
+            raise ConfigError(
+                'executor "dask" needs Dask distributed, which is not installed. ' + _INSTALL_HINT
+            )
+        return options
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -195,7 +134,8 @@ class DaskExecutor(Executor):
 
     def start(self, source: RunSource) -> None:
         distributed = _distributed()
-        payload = dump_run(self.run)  # pickling problems surface here, in start()
+        # Pickling problems surface here, in start().
+        payload = ship(self.run, "dask", "Dask workers", remote=True)
         if self.options is not None:
             self._client = self._connect(distributed, self.options)
         self._thread = threading.Thread(
@@ -259,7 +199,7 @@ class DaskExecutor(Executor):
 
     # -- the driver --------------------------------------------------------------------
 
-    def _drive(self, source: RunSource, distributed: Any, payload: tuple[str, Any]) -> None:
+    def _drive(self, source: RunSource, distributed: Any, payload: ShippedRun) -> None:
         """Submit a bounded window of runs, collect their outcomes, relay checkpoints."""
         receiver: threading.Thread | None = None
         queue: Any = None
@@ -307,7 +247,7 @@ class DaskExecutor(Executor):
                     [t.key for t, _ in tasks],
                     [t.path for t, _ in tasks],
                     [t.iteration for t, _ in tasks],
-                    [t.state for t, _ in tasks],
+                    [t.checkpoint for t, _ in tasks],
                     [self.retries] * n,
                     [channel] * n,
                     key=keys,
@@ -341,8 +281,8 @@ class DaskExecutor(Executor):
                     with self._lock:
                         self._futures.pop(fut.key, None)
                     self._collect(source, task, fut, res, resubmits, distributed, submit)
-                    if fut.status == "finished" and res[0] == "outcome":
-                        d = res[6] / res[5]  # seconds per attempt
+                    if fut.status == "finished" and isinstance(res, Outcome):
+                        d = res.duration / res.attempts
                         mean = d if mean is None else 0.8 * mean + 0.2 * d
                         per_worker = math.ceil(REFILL_LATENCY / max(mean, 1e-4))
                         per_worker = min(
@@ -379,11 +319,9 @@ class DaskExecutor(Executor):
         )
         log.error("%s", message, exc_info=exc)
         warnings.warn(f"alma: {message}", stacklevel=1)
-        if hasattr(source, "last_error"):  # the Dispatcher: shown by the controller and CLI
-            from ..dispatcher import RunError
-
-            tb = "".join(traceback.format_exception(exc))
-            source.last_error = RunError("", -1, message, tb)
+        error = AlmaError(message)
+        error.__cause__ = exc
+        source.executor_failed(error)  # shown by the controller and the CLI
 
     def _collect(
         self,
@@ -398,16 +336,16 @@ class DaskExecutor(Executor):
         """Report, abandon or resubmit one finished future."""
         status = fut.status
         if status == "finished":
-            if res[0] == "outcome":
+            if isinstance(res, Outcome):
                 self._untrack(task)
-                source.report(task, Outcome(*res[1:]))
+                source.report(task, res)
                 return
-            # "skipped" (the session stopped before it started) or "interrupted"
+            # _SKIPPED (the session stopped before it started) or _INTERRUPTED
         elif status == "error" and not self._stopping:
             exc = res[1] if isinstance(res, tuple) and len(res) == 3 else fut.exception()
             if isinstance(exc, distributed.KilledWorker) and resubmits < MAX_RESUBMITS:
                 log.warning("%s iteration %s: %s; resubmitting", task.instance, task.iteration, exc)
-                submit(task, resubmits + 1)  # with task.state: the latest checkpoint
+                submit(task, resubmits + 1)  # with task.checkpoint: the latest one
                 return
             self._untrack(task)
             error = f"{type(exc).__name__}: {exc}"
@@ -469,7 +407,7 @@ class DaskExecutor(Executor):
             task = self._tasks.get((inst, it))
         if task is None:  # abandoned (stop) or finished: nobody stores it any more
             return "stop"
-        task.state = state
+        task.checkpoint = state
         try:
             source.checkpoint(task, state)  # returns once committed
         except Interrupted:
@@ -680,19 +618,17 @@ def _wait_answer(reply: Any, key: str) -> str:
     return "stop"
 
 
-def _caller(token: str, payload: tuple[str, Any]) -> Callable[..., Any]:
+def _caller(token: str, payload: ShippedRun) -> Callable[..., Any]:
     caller = _CALLERS.get(token)
     if caller is None:
-        from ..spec import make_caller
-
-        caller = _CALLERS[token] = make_caller(load_run(*payload))
+        caller = _CALLERS[token] = make_caller(unship(payload))
     return caller
 
 
 def _dask_run(
     session: str,
     token: str,
-    payload: tuple[str, Any],
+    payload: ShippedRun,
     key: str,
     run_key: tuple[int, int],
     path: str,
@@ -700,19 +636,21 @@ def _dask_run(
     state: str | None,
     retries: int,
     channel: tuple[str, int, str] | None = None,
-) -> tuple[Any, ...]:
-    """The Dask task: one run, with retries, through the same ``execute`` as threads."""
+) -> Outcome | str:
+    """The Dask task: one run, with retries, through the same ``execute`` as threads.
+
+    Returns its Outcome, or _SKIPPED / _INTERRUPTED when the run did not end."""
     import distributed
 
     started = _STARTED.setdefault(session, set())
     started.add(key)  # before the check: see _mark_stopped
     if session in _STOPPED:
         started.discard(key)
-        return ("skipped",)
+        return _SKIPPED
     reply: Any = None
     try:
         caller = _caller(token, payload)
-        task = Task((0, 0), "", path, iteration, state)
+        task = Task(RunKey(*run_key), "", path, iteration, state)
 
         def checkpoint(_task: Task, text: str) -> None:
             nonlocal reply
@@ -736,9 +674,8 @@ def _dask_run(
         try:
             out = execute(caller, task, checkpoint, retries)
         except Interrupted:
-            return ("interrupted",)
-        return ("outcome", out.status, out.result, out.error, out.traceback, out.attempts,
-                out.duration)  # fmt: skip
+            return _INTERRUPTED
+        return out
     finally:
         started.discard(key)
         if reply is not None:
@@ -746,4 +683,4 @@ def _dask_run(
                 reply.close()
 
 
-__all__ = ["CONNECT_TIMEOUT", "DaskExecutor", "dump_run"]
+__all__ = ["CONNECT_TIMEOUT", "DaskExecutor"]

@@ -9,9 +9,9 @@ it. No process is started per run, so dispatch costs one small message each way.
 Why a plain ``python -c`` child instead of :mod:`multiprocessing`: ``spawn`` and
 ``forkserver`` re-import the user's ``__main__`` in every child, which re-runs an
 unguarded script (and fails); ``fork`` is unsafe in a process that has threads. Our
-child imports only alma, then the run function: by path for a file experiment (the
-same way the dispatcher imported it), or with cloudpickle for a function defined
-elsewhere (a notebook cell is pickled by value).
+child imports only alma, then the run function as :func:`alma.runfunc.ship` packed it:
+an experiment's run module as its source, anything else with cloudpickle (by
+reference when importable, by value when defined in ``__main__``, e.g. a notebook cell).
 
 Because the runs live in other processes, the driver can end them: ``stop()`` kills
 every child at once (checkpoints saved before stay and come back as ``state``), a run
@@ -31,62 +31,20 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, Interrupted
-from .base import Executor, Outcome, RunSource, Task, execute
+from ..records import DONE, FAILED, Outcome, Task
+from ..runfunc import ShippedRun, make_caller, ship, unship
+from .base import Executor, RunSource, execute
 
 #: Seconds a new worker process may take to import alma and the run function.
 STARTUP_TIMEOUT = 120.0
 
 #: The child's entry point: kept tiny, so the child imports nothing but what it needs.
 _CHILD_CODE = "import sys; from alma.executors.processes import _child_main; _child_main()"
-
-
-def run_payload(run: Callable[..., Any]) -> tuple[str, Any]:
-    """How the child finds the run function: ("path", file) or ("pickle", bytes).
-
-    A run loaded from an experiment's module lives in a module alma named ``alma_run_*``
-    that no other process can import by name, so the child imports the same file by
-    path. Anything else travels with cloudpickle (by reference when importable, by value
-    when defined in ``__main__``, e.g. a notebook cell).
-    """
-    module = getattr(run, "__module__", None) or ""
-    if module.startswith("alma_run_"):
-        file = getattr(sys.modules.get(module), "__file__", None)
-        if file and getattr(run, "__name__", None) == "run":
-            return "path", file
-    try:
-        import cloudpickle
-    except ImportError:  # pragma: no cover - a dependency of pyalma
-        raise ConfigError(
-            'executor "processes": the run function must be pickled with cloudpickle, '
-            "which is not installed. Install it: pip install cloudpickle."
-        ) from None
-    try:
-        return "pickle", cloudpickle.dumps(run)
-    except Exception as exc:
-        raise ConfigError(
-            f'executor "processes": the run function {getattr(run, "__qualname__", run)!r} '
-            f"cannot be sent to a worker process ({type(exc).__name__}: {exc}). Define it at "
-            "the top level of a module or notebook cell and do not let it capture "
-            "unpicklable objects (open files, locks, connections); or use "
-            '"executor": "threads".'
-        ) from exc
-
-
-def load_payload(kind: str, data: Any) -> Callable[..., Any]:
-    """Inverse of :func:`run_payload`, in a worker."""
-    if kind == "path":
-        from ..spec import load_module_run
-
-        return load_module_run(Path(data), data)
-    import cloudpickle
-
-    return cloudpickle.loads(data)  # type: ignore[no-any-return]
 
 
 def describe_exit(returncode: int | None, pid: int) -> str:
@@ -140,16 +98,15 @@ class _Child:
 class ProcessExecutor(Executor):
     """``workers`` long-lived worker processes, each driven by one thread here."""
 
-    name = "processes"
-    aborts_runs = True
     enforces_timeout = True
+    usage = '"processes"'
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._lock = threading.Lock()
         self._stopped = False
         self._children: set[_Child] = set()
-        self._payload: tuple[str, Any] | None = None
+        self._shipped: ShippedRun | None = None
 
     # -- Executor interface ----------------------------------------------------------
 
@@ -160,7 +117,7 @@ class ProcessExecutor(Executor):
                 'over an inherited socket. Use "executor": "threads" or "dask" here.'
             )
         # Pickling problems surface here, in start(), before any run is handed out.
-        self._payload = run_payload(self.run)
+        self._shipped = ship(self.run, "processes", "a worker process", remote=False)
 
         def drive() -> None:
             child: _Child | None = None
@@ -206,76 +163,62 @@ class ProcessExecutor(Executor):
         attempt = 0
         while True:
             attempt += 1
-            if child is None:
-                child, error = self._spawn()
-                if error is not None:
-                    if attempt <= self.retries:
-                        continue
-                    elapsed = time.perf_counter() - start
-                    return Outcome("failed", None, error[0], error[1], attempt, elapsed), None
-            assert child is not None
-            status, result, err, tb, keep = self._attempt(source, task, child)
-            if not keep:
-                self._forget(child)
-                child.reap()
-                child = None
-            if status == "failed" and attempt <= self.retries:
-                continue
-            return Outcome(status, result, err, tb, attempt, time.perf_counter() - start), child
+            ended: Outcome | _Failure
+            spawned = child if child is not None else self._spawn()
+            if isinstance(spawned, _Child):
+                child = spawned
+                ended = self._attempt(source, task, child)
+                if isinstance(ended, _Failure):  # dead or stuck: the next attempt gets a new one
+                    self._forget(child)
+                    child.reap()
+                    child = None
+            else:
+                ended = spawned
+            if (isinstance(ended, Outcome) and ended.status == DONE) or attempt > self.retries:
+                break
+        if isinstance(ended, _Failure):
+            ended = Outcome(FAILED, None, ended.error, ended.traceback, attempt, 0.0)
+        return replace(ended, attempts=attempt, duration=time.perf_counter() - start), child
 
-    def _attempt(
-        self, source: RunSource, task: Task, child: _Child
-    ) -> tuple[str, str | None, str | None, str | None, bool]:
-        """One attempt: (status, result, error, traceback, child still usable)."""
+    def _attempt(self, source: RunSource, task: Task, child: _Child) -> Outcome | _Failure:
+        """One attempt in ``child``: the child's outcome, or why the child failed."""
         conn = child.conn
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         with contextlib.suppress(OSError):  # the child is gone: the recv below says how
-            conn.send(("run", task.path, task.iteration, task.state))
+            conn.send(task)
         while True:
             try:
                 if deadline is not None and not conn.poll(max(deadline - time.monotonic(), 0.0)):
                     if self._stopped:
                         raise _AbortedError
-                    return (
-                        "failed",
-                        None,
+                    return _Failure(
                         f"TimeoutError: timeout after {self.timeout:g} s; the worker "
-                        f"process (pid {child.proc.pid}) was ended",
-                        None,
-                        False,
+                        f"process (pid {child.proc.pid}) was ended"
                     )
                 msg = conn.recv()
             except (EOFError, OSError):
-                if self._stopped:
-                    self._forget(child)
-                    child.reap()
-                    raise _AbortedError from None
                 self._forget(child)
                 code = child.reap()
-                return "failed", None, describe_exit(code, child.proc.pid), None, False
-            kind = msg[0]
-            if kind == "ckpt":
-                task.state = msg[1]
-                try:
-                    source.checkpoint(task, msg[1])  # returns once committed
-                except Interrupted:
-                    self._forget(child)
-                    child.reap()
+                if self._stopped:
                     raise _AbortedError from None
-                with contextlib.suppress(OSError):
-                    conn.send("ok")
-            elif kind == "outcome":
-                return msg[1], msg[2], msg[3], msg[4], True
-            else:  # "interrupted": only after a "stop" reply, which we never send
-                raise _AbortedError
+                return _Failure(describe_exit(code, child.proc.pid))
+            if isinstance(msg, Outcome):
+                return msg
+            assert isinstance(msg, _Checkpoint), msg
+            task.checkpoint = msg.state
+            try:
+                source.checkpoint(task, msg.state)  # returns once committed
+            except Interrupted:
+                self._forget(child)
+                child.reap()
+                raise _AbortedError from None
+            with contextlib.suppress(OSError):
+                conn.send(_ACK)
 
-    def _spawn(self) -> tuple[_Child | None, tuple[str, str | None] | None]:
-        """Start a worker process and load the run function in it.
-
-        Returns (child, None), or (None, (error, traceback)) when the child could not
-        load the run function. Raises _AbortedError when a stop came first.
-        """
-        assert self._payload is not None
+    def _spawn(self) -> _Child | _Failure:
+        """Start a worker process and load the run function in it; or say why that
+        failed. Raises _AbortedError when a stop came first."""
+        assert self._shipped is not None
         parent_sock, child_sock = socket.socketpair()
         with self._lock:
             if self._stopped:
@@ -295,9 +238,8 @@ class ProcessExecutor(Executor):
                 child_sock.close()
             child = _Child(proc, Connection(parent_sock.detach()))
             self._children.add(child)
-        kind, data = self._payload
         try:
-            child.conn.send(("init", list(sys.path), kind, data))
+            child.conn.send(_Init(list(sys.path), self._shipped))
             if not child.conn.poll(STARTUP_TIMEOUT):
                 raise TimeoutError(f"no answer within {STARTUP_TIMEOUT:g} s")
             msg = child.conn.recv()
@@ -307,15 +249,14 @@ class ProcessExecutor(Executor):
             if self._stopped:
                 raise _AbortedError from None
             why = describe_exit(code, proc.pid) if not isinstance(exc, TimeoutError) else str(exc)
-            return None, (f"WorkerDied: a new worker process failed to start: {why}", None)
-        if msg[0] != "ready":
+            return _Failure(f"WorkerDied: a new worker process failed to start: {why}")
+        if isinstance(msg, _Failure):
             self._forget(child)
             child.reap()
-            return None, (
-                f"the worker process could not load the run function: {msg[1]}",
-                msg[2],
+            return _Failure(
+                f"the worker process could not load the run function: {msg.error}", msg.traceback
             )
-        return child, None
+        return child
 
     def _forget(self, child: _Child) -> None:
         with self._lock:
@@ -348,38 +289,62 @@ def _child_main() -> None:
     conn = Connection(int(sys.argv[1]))
     _watch_parent()
     try:
-        _, path, kind, data = conn.recv()
+        init: _Init = conn.recv()
     except (EOFError, OSError):
         return
     try:
-        sys.path[:] = path
-        from ..spec import make_caller
-
-        caller = make_caller(load_payload(kind, data))
+        sys.path[:] = init.sys_path
+        caller = make_caller(unship(init.run))
     except BaseException as exc:
-        conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        conn.send(_Failure(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
-    conn.send(("ready",))
+    conn.send(_READY)
 
     def checkpoint(task: Task, text: str) -> None:
-        conn.send(("ckpt", text))
-        if conn.recv() != "ok":
-            raise Interrupted("stopped")
+        # The parent answers once the checkpoint is committed; on a stop it kills this
+        # process instead, so there is nothing else to answer.
+        conn.send(_Checkpoint(text))
+        conn.recv()
 
     while True:
         try:
-            msg = conn.recv()
+            task = conn.recv()
         except (EOFError, OSError):
             return
-        if msg[0] != "run":
-            return
-        task = Task((0, 0), "", msg[1], msg[2], msg[3])
-        try:
-            out = execute(caller, task, checkpoint, 0)
-        except Interrupted:
-            conn.send(("interrupted",))
-            continue
-        conn.send(("outcome", out.status, out.result, out.error, out.traceback))
+        conn.send(execute(caller, task, checkpoint, 0))
 
 
-__all__ = ["ProcessExecutor", "describe_exit", "load_payload", "run_payload"]
+# -- the messages between the driver and its child -------------------------------------
+
+
+@dataclass(frozen=True)
+class _Init:
+    """First message to a child: the parent's import path and the run function."""
+
+    sys_path: list[str]
+    run: ShippedRun
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    """A child's run called ``save_callback``: the parent commits it, then acks."""
+
+    state: str
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """Why an attempt ended without an outcome from the run: the child could not start
+    or load the run function, died, or ran over the timeout."""
+
+    error: str
+    traceback: str | None = None
+
+
+#: A child's answer to _Init once the run function is loaded.
+_READY = "ready"
+#: The parent's answer to a checkpoint, once committed.
+_ACK = "ok"
+
+
+__all__ = ["ProcessExecutor", "describe_exit"]

@@ -1,6 +1,6 @@
 """Run on worker threads in the dispatcher's process: the default, and the cheapest.
 
-Each worker pulls the next task straight from the dispatcher (no future, no queue per
+Each worker pulls the next task straight from the session (no future, no queue per
 run), so dispatch costs about as much as a bare thread pool. Threads cannot be killed:
 stop is cooperative, through ``save_callback`` raising :class:`~alma.errors.Interrupted`.
 """
@@ -8,15 +8,14 @@ stop is cooperative, through ``save_callback`` raising :class:`~alma.errors.Inte
 from __future__ import annotations
 
 from ..errors import Interrupted
-from ..spec import make_caller
+from ..runfunc import make_caller
 from .base import Executor, RunSource, execute
 
 
 class ThreadExecutor(Executor):
     """``workers`` threads, each looping: pull a task, run it, report it."""
 
-    name = "threads"
-    aborts_runs = False
+    usage = '"threads"'
 
     def start(self, source: RunSource) -> None:
         caller = make_caller(self.run)

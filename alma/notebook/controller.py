@@ -313,7 +313,7 @@ class Controller(widgets.VBox):
             if d is None:
                 return
             p = d.progress
-            status = p.status
+            status: str = p.status
             if status == "running" and self._stopper is not None and self._stopper.is_alive():
                 status = "stopping"  # the stop thread may not have reached the engine yet
             elif status in ("idle", "paused") and d.running_elsewhere:

@@ -1,0 +1,338 @@
+"""A session: everything that exists only while an experiment's runs go on.
+
+:meth:`Session.open` takes the experiment's OS lock and the store's only writer
+connection and starts the group-commit writer; :meth:`Session.close` gives them back.
+In between, the session is the :class:`~alma.executors.RunSource` that executors talk
+to: it hands out tasks from the plan, keeps the runs in flight, commits outcomes and
+checkpoints through the writer and counts a run as done only once its commit is in.
+
+Locks (one picture in ARCHITECTURE.md): the dispatcher's lifecycle lock, then the
+shared ``mutex``, never the other way round. The mutex guards the plan, the in-flight
+and saving sets, the checkpoints and the dispatcher's tally; it is held only for
+in-memory work, never across a commit or a join. The writer thread's callbacks take the
+mutex, so a session is closed (which joins the writer) without holding it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import AlmaError, Interrupted
+from .executors import Executor, executor_class
+from .lock import ExperimentLock
+from .plan import Plan, Tally, owed
+from .records import FAILED, CheckpointRecord, Outcome, RunError, RunKey, RunRecord, Task
+from .spec import Spec
+from .store import Store
+from .writer import Writer
+
+
+@dataclass
+class SessionClock:
+    """When a session started and ended, and how many runs it finished: the rate and
+    elapsed time that progress shows, kept after the session is gone."""
+
+    started: float = 0.0
+    ended: float | None = None
+    #: Runs committed in this session (done or failed).
+    runs: int = 0
+
+    def elapsed(self) -> float:
+        if not self.started:
+            return 0.0
+        return (time.monotonic() if self.ended is None else self.ended) - self.started
+
+
+@dataclass
+class SessionHooks:
+    """How a session tells its dispatcher what it cannot handle itself."""
+
+    #: The last executor has ended: the session may close.
+    idle: Callable[[Session], None]
+    #: A run failed, or alma's own machinery did: for front-ends to show.
+    error: Callable[[RunError], None]
+
+
+class Session:
+    """One session of one experiment; see the module docstring."""
+
+    def __init__(
+        self,
+        spec: Spec,
+        store: Store,
+        lock: ExperimentLock,
+        tally: Tally,
+        mutex: threading.RLock,
+        hooks: SessionHooks,
+    ) -> None:
+        """Use :meth:`open`, which takes the OS lock and the writer connection first."""
+        self.spec = spec
+        self._store = store
+        self._oslock = lock
+        self._tally = tally
+        self._lock = mutex
+        self._hooks = hooks
+        self.clock = SessionClock(started=time.monotonic())
+        #: True once stop() was asked: no task is handed out any more.
+        self.stopping = False
+        self._plan: Plan | None = None
+        self._inflight: dict[RunKey, Task] = {}  # executing now
+        self._saving: set[RunKey] = set()  # finished, waiting for their group commit
+        self._checkpoints = store.checkpoints()
+        self._executors: list[Executor] = []
+        self._live = 0  # executors started (or reserved) that have not called executor_done
+        self._writer = Writer(store, self._committed, self._writer_failed)
+
+    @classmethod
+    def open(
+        cls,
+        spec: Spec,
+        store: Store,
+        lock: ExperimentLock,
+        tally: Tally,
+        mutex: threading.RLock,
+        hooks: SessionHooks,
+    ) -> Session:
+        """Take the OS lock and the store's writer; raises LockedError or StateError."""
+        lock.acquire()
+        try:
+            store.open_writer(
+                list(zip(spec.instances, spec.paths, strict=True)), spec.iterations, spec.code_hash
+            )
+            with mutex:
+                tally.refresh(store, force=True)
+                return cls(spec, store, lock, tally, mutex, hooks)
+        except BaseException:
+            store.close_writer()
+            lock.release()
+            raise
+
+    def close(self) -> None:
+        """Commit what is queued, fold the WAL in, release the OS lock. Caller holds the
+        lifecycle lock but not the mutex (the writer's last callback takes it)."""
+        self._writer.close()
+        self._store.close_writer()
+        self._oslock.release()
+        with self._lock:
+            self.clock.ended = time.monotonic()
+            self._plan = None
+            self._inflight.clear()  # no executor is left: nothing is really in flight
+            self._saving.clear()
+            self._executors.clear()
+            self._tally.invalidate()
+
+    # -- what the dispatcher asks -------------------------------------------------------
+
+    @property
+    def live_executors(self) -> int:
+        return self._live
+
+    @property
+    def running(self) -> int:
+        """How many runs execute now."""
+        return len(self._inflight)
+
+    def in_flight(self) -> list[Task]:
+        """The runs executing now."""
+        with self._lock:
+            return list(self._inflight.values())
+
+    def resume(self) -> int | None:
+        """(Re)plan and reserve an executor for the workers missing; returns how many
+        workers to launch (0: enough run already), or None when nothing is owed and no
+        executor is left, so the session should close."""
+        with self._lock:
+            self.stopping = False
+            self._plan = self._replan()
+            # Workers of runs still in flight (a stop that timed out) pull from this
+            # plan too once their run ends: start only the missing ones.
+            free = self.spec.workers - len(self._inflight)
+            if self._plan is not None and free > 0:
+                self._live += 1  # reserved: the session cannot end meanwhile
+                return free
+            return None if self._plan is None and not self._live else 0
+
+    def add_workers(self) -> None:
+        """After a reset mid-session: workers for the re-queued runs, up to ``workers``."""
+        with self._lock:
+            free = self.spec.workers - len(self._inflight)
+            if self.stopping or self._plan is None or free <= 0:
+                return
+            self._live += 1
+        self.launch(free)
+
+    def launch(self, workers: int) -> None:
+        """Start one more executor with ``workers`` workers pulling from the plan.
+
+        The caller has reserved it (:meth:`resume`). Called without locks held:
+        executors may take long to start (processes, clusters), and progress must stay
+        readable meanwhile.
+        """
+        choice = self.spec.executor
+        try:
+            executor = executor_class(choice.name)(
+                self.spec.run, workers, self.spec.retries, self.spec.timeout, choice.options
+            )
+            with self._lock:
+                self._executors.append(executor)
+            executor.start(self)
+        except BaseException:
+            with self._lock:
+                self._plan = None
+            self.executor_done()  # gives the reservation back; ends an idle session
+            raise
+
+    def stop(self) -> None:
+        """Hand out no new run; tell the executors, which abort what they can."""
+        with self._lock:
+            if self.stopping:
+                return
+            self.stopping = True
+            self._plan = None
+            executors = list(self._executors)
+        for ex in executors:
+            ex.stop()
+
+    def forget(self, failed_only: bool, replan: bool) -> tuple[int, bool]:
+        """Delete finished runs (all, or the failed ones) in the writer thread, after every
+        queued commit. Returns how many, and whether the plan had run dry before (idle
+        workers have left: the caller adds workers)."""
+
+        def in_writer() -> tuple[int, bool]:
+            n = self._store.delete_runs(failed_only)
+            with self._lock:
+                if not failed_only:
+                    self._checkpoints.clear()
+                self._tally.refresh(self._store, force=True)
+                exhausted = False
+                if replan and not self.stopping:
+                    exhausted = self._plan is None
+                    self._plan = self._replan()
+            return n, exhausted
+
+        return self._writer.call(in_writer)
+
+    def _replan(self) -> Plan | None:
+        """Runs still owed, in the experiment's order. Caller holds the mutex."""
+        rows = self._tally.marks(self._store)
+        iterations = self.spec.iterations
+        for key in [*self._inflight, *self._saving]:  # running, or being saved
+            pos = self._tally.position.get(key.instance)
+            if pos is not None and key.iteration < iterations:
+                rows[pos][key.iteration] = 1
+        return owed(rows, self.spec.order, iterations)
+
+    # -- RunSource: what executors call ------------------------------------------------
+
+    def next_task(self) -> Task | None:
+        """Hand out the next run owed (hot path: one lock, no I/O)."""
+        with self._lock:
+            plan = self._plan
+            if plan is None:
+                return None
+            ids = self._tally.ids
+            for pos, it in plan:
+                key = RunKey(ids[pos], it)
+                if key in self._inflight or key in self._saving:
+                    continue
+                task = Task(
+                    key,
+                    self.spec.instances[pos],
+                    self.spec.paths[pos],
+                    it,
+                    self._checkpoints.get(key),
+                )
+                self._inflight[key] = task
+                return task
+            self._plan = None
+            return None
+
+    def report(self, task: Task, outcome: Outcome) -> None:
+        """Queue a finished run for the next group commit."""
+        if outcome.status == FAILED:
+            self._hooks.error(
+                RunError(
+                    task.instance, task.iteration, outcome.error or "", outcome.traceback or ""
+                )
+            )
+        key = task.key
+        record = RunRecord(
+            instance=key.instance,
+            iteration=key.iteration,
+            status=outcome.status,
+            result=outcome.result,
+            error=outcome.error,
+            traceback=outcome.traceback,
+            attempts=outcome.attempts,
+            duration=outcome.duration,
+            ended_at=time.time(),
+            code=self.spec.code_hash,
+        )
+        with self._lock:
+            self._inflight.pop(key, None)
+            self._saving.add(key)
+        self._writer.put_run(record, key in self._checkpoints)
+
+    def abandon(self, task: Task) -> None:
+        """A run was aborted by a stop: it is owed again (its checkpoint is kept)."""
+        with self._lock:
+            self._inflight.pop(task.key, None)
+
+    def checkpoint(self, task: Task, state: str) -> None:
+        """Durably save a checkpoint, then abort the run if a stop was asked."""
+        key = task.key
+        self._writer.put_checkpoint(
+            CheckpointRecord(key.instance, key.iteration, state, time.time())
+        )
+        self._checkpoints[key] = state
+        if self.stopping:
+            raise Interrupted(f"{task.instance} iteration {task.iteration}: stopped")
+
+    def executor_done(self) -> None:
+        """An executor has nothing in flight any more; the last one ends the session."""
+        with self._lock:
+            self._live -= 1
+            if self._live:
+                return
+        self._hooks.idle(self)
+
+    def executor_failed(self, exc: BaseException) -> None:
+        """An executor's own machinery failed (not a run): show it like a failed run.
+        An AlmaError says what happened and the fix itself; anything else is a bug."""
+        message = str(exc) if isinstance(exc, AlmaError) else f"executor failed: {_describe(exc)}"
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self._hooks.error(RunError("", -1, message, tb))
+
+    # -- the writer's callbacks (in its thread) ---------------------------------------
+
+    def _committed(self, rows: list[RunRecord]) -> None:
+        """After a group commit: now (and only now) the runs count."""
+        with self._lock:
+            for row in rows:
+                key = row.key
+                self._saving.discard(key)
+                self._checkpoints.pop(key, None)
+            self._tally.add(rows)
+            self.clock.runs += len(rows)
+
+    def _writer_failed(self, exc: BaseException) -> None:
+        """The state file could not be written (disk full, I/O error): stop, say why."""
+        self._hooks.error(
+            RunError(
+                "",
+                -1,
+                f"State file {self.spec.state_path}: saving failed ({_describe(exc)}). Runs "
+                "finished before are kept; free disk space (or fix the file's permissions), "
+                "then start() again.",
+                "",
+            )
+        )
+        threading.Thread(target=self.stop, name="alma-stop", daemon=True).start()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
