@@ -18,6 +18,7 @@ from notebook_helpers import NOTEBOOKS, wait_for
 
 import alma
 import alma.notebook
+import alma.notebook.registry
 from alma.notebook.magics import HELP, AlmaMagics
 
 RUN = """\
@@ -54,7 +55,7 @@ def _forget_dispatchers(ip: InteractiveShell) -> None:
             value.stop(timeout=10)
             value.close()
             del ip.user_ns[name]
-    alma.notebook._last = None
+    alma.notebook.registry._last = None  # the registry's own state: tests only
 
 
 @pytest.fixture

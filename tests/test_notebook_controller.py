@@ -18,6 +18,7 @@ from ipywidgets.widgets.widget import _instances
 from notebook_helpers import controller_threads, make_dispatcher, wait_for
 
 import alma.notebook
+import alma.notebook.registry
 from alma.notebook import controller as controller_mod
 from alma.notebook.controller import IDLE_GRACE, Controller, _instances_html
 
@@ -269,7 +270,7 @@ class _Holder:
 def test_the_registry_alone_keeps_no_dispatcher_alive(tmp_path: Path) -> None:
     d = make_dispatcher(tmp_path, quick_run)
     holder = _Holder(d)  # like a controller, it holds its dispatcher strongly
-    alma.notebook._register(d, holder)  # type: ignore[arg-type]
+    alma.notebook.registry.register(d, holder)  # type: ignore[arg-type]
     assert alma.notebook.controller_for(d) is holder
     ref = weakref.ref(d)
     d.close()

@@ -6,6 +6,12 @@ only through the dispatcher's public methods and watches it by polling the froze
 engine never calls the UI, so 20,000 runs/s cost one snapshot per redraw, and a widget
 that raises is logged once and ignored instead of breaking a run.
 
+Imports: this module uses only :mod:`alma.notebook.registry` (each Controller registers
+itself there, so ``alma.notebook.controller_for`` and the ``%alma`` magics find it) and
+never the package ``__init__``; the package imports this module lazily, on first use of
+``Controller`` or ``controller_for``. The engine reaches it only through
+``alma.notebook.mimebundle`` (lazily, from ``Dispatcher._repr_mimebundle_``).
+
 Why a captured context: with ipykernel 7 a comm message sent from a plain background
 thread carries whatever parent header the kernel saw last (the cell running *now*), or
 none, so the browser may drop the update or route it to the wrong output area (ipykernel
@@ -29,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as widgets
 from tqdm.notebook import tqdm as tqdm_notebook
 
-from . import _register, _registry, _touch, _unregister
+from .registry import open_controllers, register, touch, unregister
 
 if TYPE_CHECKING:
     from ..dispatcher import Dispatcher, Progress
@@ -166,12 +172,12 @@ class Controller(widgets.VBox):
         )
         self.add_class("alma-controller")
         self._retire_others(dispatcher)
-        _register(dispatcher, self)
+        register(dispatcher, self)
         _live.add(self)
         _install_cell_hook()
         self.refresh()
         if dispatcher.running:
-            self._ensure_timer()
+            self.follow()
 
     # -- public --------------------------------------------------------------------
 
@@ -196,6 +202,13 @@ class Controller(widgets.VBox):
         self.refresh()
         self._send_full_state()
 
+    def follow(self) -> None:
+        """Make sure the controller redraws on its timer while the dispatcher runs (what
+        the buttons, a display, the post-cell hook and the ``%alma`` magics ask for). The
+        timer ends by itself once the dispatcher has been quiet for ``IDLE_GRACE``
+        seconds; on a closed controller this does nothing."""
+        self._ensure_timer()
+
     def close(self) -> None:
         """Stop the timer, close the widgets and let go of the dispatcher (which is left
         as it is, running or not): a closed controller keeps neither the dispatcher nor
@@ -204,7 +217,7 @@ class Controller(widgets.VBox):
         with self._draw_lock:
             d, self._dispatcher = self._dispatcher, None
         if d is not None:
-            _unregister(d, self)
+            unregister(d, self)
         self.bar.disable = True  # tqdm must not redraw a closed bar when collected
         with self._draw_lock:
             # Close every part (layouts and styles too): the widget registry holds each
@@ -223,10 +236,10 @@ class Controller(widgets.VBox):
         # Displayed (again): updates now belong to this cell's output area.
         self._context = contextvars.copy_context()
         if self._dispatcher is not None:
-            _touch(self._dispatcher)  # what the %alma magics act on by default
+            touch(self._dispatcher)  # what the %alma magics act on by default
         self.resync()
         if self._dispatcher is not None and self._dispatcher.running:
-            self._ensure_timer()
+            self.follow()
         bundle = super()._repr_mimebundle_(**kwargs)
         if bundle is not None and self._dispatcher is not None:
             bundle["text/plain"] = repr(self._dispatcher)
@@ -269,7 +282,7 @@ class Controller(widgets.VBox):
         except Exception as exc:  # e.g. LockedError: show it, keep the kernel happy
             self._message = f"Could not start: {exc}"
         self.refresh()
-        self._ensure_timer()
+        self.follow()
 
     def _on_stop(self, _button: Any = None) -> None:
         d = self._dispatcher
@@ -282,7 +295,7 @@ class Controller(widgets.VBox):
         )
         self._stopper.start()
         self.refresh()
-        self._ensure_timer()
+        self.follow()
 
     def _stop_in_background(self, d: Dispatcher) -> None:
         try:
@@ -395,7 +408,8 @@ class Controller(widgets.VBox):
     # -- timer ---------------------------------------------------------------------
 
     def _ensure_timer(self) -> None:
-        """Make sure a timer thread redraws (start one, or keep the live one awake)."""
+        """Make sure a timer thread redraws (start one, or keep the live one awake); the
+        implementation of :meth:`follow`."""
         with self._timer_lock:
             if self._closed:
                 return
@@ -455,7 +469,7 @@ class Controller(widgets.VBox):
     def _retire_others(self, dispatcher: Dispatcher) -> None:
         others = [
             c
-            for d, c in _registry()
+            for d, c in open_controllers()
             if d is not dispatcher and d.state_path == dispatcher.state_path
         ]
         for c in others:
@@ -588,6 +602,6 @@ def _after_cell(*_args: Any) -> None:
             # Also redraw when a cell changed the state without the timer running, e.g.
             # `d.start(); d.join()` in a later cell leaves a shown controller otherwise stale.
             if d.running or c._last_status in _ACTIVE or d.status != c._last_status:
-                c._ensure_timer()
+                c.follow()
         except Exception:  # never let a UI problem surface in the user's cell
             log.debug("alma controller: waking the timer failed", exc_info=True)

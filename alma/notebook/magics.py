@@ -6,6 +6,11 @@ variable. Without one they act on the experiment the notebook shows or made last
 (``d = alma.Experiment(...)`` or ``d = alma.experiment.load(...)`` in a cell, or a
 displayed dispatcher), so mixing code and magics just works. Everything they do goes
 through the Dispatcher's public API, like the controller.
+
+Imports: this module uses :mod:`alma.notebook.registry` (the dispatcher shown last, the
+controller shown for a dispatcher) and the Controller's public methods only; it never
+imports ``alma.notebook.controller`` itself, so ``%load_ext alma`` does not load
+ipywidgets. ``alma.load_ipython_extension`` imports it lazily.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
+
+from .registry import last_dispatcher, registered, touch
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -135,8 +142,6 @@ class AlmaMagics(Magics):
     def _current(self, command: str) -> Dispatcher:
         if self.dispatcher is not None:
             return self.dispatcher
-        from . import last_dispatcher
-
         self._discover()  # e.g. `d = alma.Experiment(...)` earlier in this very cell
         d = last_dispatcher()
         if d is None:
@@ -151,7 +156,6 @@ class AlmaMagics(Magics):
         """Note dispatchers that appeared in the user's namespace since the last look
         (run after every cell): the newest becomes what the magics act on by default."""
         from ..dispatcher import Dispatcher
-        from . import _touch
 
         namespace = getattr(self.shell, "user_ns", None) or {}
         try:
@@ -162,7 +166,7 @@ class AlmaMagics(Magics):
             try:
                 if isinstance(value, Dispatcher) and value not in self._seen:
                     self._seen.add(value)
-                    _touch(value)
+                    touch(value)
             except Exception:  # an odd object in the namespace is none of our business
                 continue
 
@@ -183,13 +187,11 @@ def _show(dispatcher: Dispatcher) -> None:
 
 def _resync(d: Dispatcher) -> None:
     """Bring the controller shown for ``d`` (if any) up to date from this cell."""
-    from . import _registered
-
-    controller = _registered(d)
+    controller = registered(d)
     if controller is not None:
         controller.resync()
         if d.running:
-            controller._ensure_timer()
+            controller.follow()
 
 
 def _summary(d: Dispatcher) -> str:
