@@ -1,7 +1,7 @@
 """Helpers for the notebook front-end tests (controller, magics, real kernels).
 
-Kept out of conftest.py so that file stays about the engine; tests import what they
-need from here.
+Kept apart from helpers.py so that file stays about the engine (and imports nothing
+notebook-only); tests import what they need from here.
 """
 
 from __future__ import annotations
@@ -12,15 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import wait_until
+from helpers import REPO, wait_until
 
 import alma
 
-REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 NOTEBOOKS = REPO / "notebooks"
 
-#: One deadline-bounded poll for every test (defined in conftest.py).
+#: One deadline-bounded poll for every test (defined in helpers.py).
 wait_for = wait_until
 
 

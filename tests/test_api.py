@@ -13,7 +13,7 @@ import sys
 import types
 
 import pytest
-from conftest import python_env
+from helpers import python_env
 
 import alma
 import alma.experiment

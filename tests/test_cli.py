@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import alma_cli, alma_popen, wait_until
+from helpers import alma_cli, alma_popen, wait_until
 
 import alma.cli
 import alma.experiment

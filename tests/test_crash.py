@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import alma_cli, alma_popen
+from helpers import alma_cli, alma_popen
 
 import alma.experiment
 

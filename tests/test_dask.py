@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ExperimentFactory, python_env, wait_until
+from helpers import ExperimentFactory, python_env, wait_until
 
 import alma
 import alma.experiment

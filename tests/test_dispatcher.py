@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_files, wait_until
+from helpers import make_files, wait_until
 
 import alma
 import alma.experiment

@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import ExperimentFactory, python_env, wait_until
+from helpers import ExperimentFactory, python_env, wait_until
 
 import alma
 import alma.experiment

@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import alma_cli, alma_popen, wait_until
+from helpers import alma_cli, alma_popen, wait_until
 
 import alma
 import alma.experiment

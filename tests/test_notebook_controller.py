@@ -366,7 +366,7 @@ def test_a_run_in_another_process_is_watched_not_shown_paused(
     make_experiment: Any, cleanup: list[Any]
 ) -> None:
     """A notebook watching `alma run` in a terminal: live counts, no misleading buttons."""
-    from conftest import alma_popen
+    from helpers import alma_popen
 
     exp = make_experiment(
         "import time\n"

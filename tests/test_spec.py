@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import listing, wait_until
+from helpers import listing, wait_until
 
 import alma
 import alma.experiment

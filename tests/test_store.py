@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import alma_cli, listing, python_env, wait_until
+from helpers import alma_cli, listing, python_env, wait_until
 
 import alma
 import alma.experiment

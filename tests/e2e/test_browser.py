@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import REPO
 
 import alma
 import alma.experiment
 
-from . import conftest as harness
-from .conftest import REPO, JupyterServer
+from . import harness
+from .harness import JupyterServer
 
 #: Where the notebook and the example come from (copied to the server's temp root).
 SOURCE = REPO
