@@ -55,7 +55,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ..errors import AlmaError, ConfigError, Interrupted
-from ..records import Outcome, RunKey, Task
+from ..records import FAILED, Outcome, RunKey, Task
 from ..runfunc import ShippedRun, make_caller, ship, unship
 from .base import Executor, RunSource, execute
 
@@ -125,8 +125,7 @@ class DaskExecutor(Executor):
         self._session = f"alma-{uuid.uuid4().hex[:12]}"
         self._lock = threading.Lock()
         self._futures: dict[str, Any] = {}  # dask key -> future, in flight
-        self._tasks: dict[tuple[int, int], Task] = {}  # run key -> task, in flight
-        self._replies: dict[tuple[int, int], Any] = {}  # run key -> its reply queue
+        self._tasks: dict[RunKey, Task] = {}  # run key -> task, in flight
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -201,9 +200,7 @@ class DaskExecutor(Executor):
 
     def _drive(self, source: RunSource, distributed: Any, payload: ShippedRun) -> None:
         """Submit a bounded window of runs, collect their outcomes, relay checkpoints."""
-        receiver: threading.Thread | None = None
-        queue: Any = None
-        server: _CheckpointServer | None = None
+        relay: _CheckpointRelay | None = None
         try:
             if self._client is None:
                 if self._stopping:
@@ -213,97 +210,13 @@ class DaskExecutor(Executor):
                 except Exception as exc:
                     self._cluster_failed(source, exc)
                     return
-            client = self._client
-            queue = distributed.Queue(f"{self._session}-ckpt", client=client)
-            receiver = threading.Thread(
-                target=self._receive,
-                args=(source, distributed, queue),
-                name="alma-dask-checkpoints",
-                daemon=True,
-            )
-            receiver.start()
-            server = _CheckpointServer.open(
-                self._direct_host(), lambda inst, it, state: self._commit(source, inst, it, state)
-            )
-            channel = None if server is None else server.channel
-            token = f"{self._session}-{uuid.uuid4().hex[:8]}"
-            window = IN_FLIGHT_PER_WORKER * self.workers
-            mean = None  # moving average of run durations, sizes the window
-            # with_results: results are fetched on the client's event loop as tasks end,
-            # not by a blocking round trip per run from this thread.
-            ac = distributed.as_completed(with_results=True, raise_errors=False, loop=client.loop)
-            meta: dict[str, tuple[Task, int]] = {}  # dask key -> (task, resubmits)
-
-            def submit_many(tasks: list[tuple[Task, int]]) -> None:
-                # One client.map for a batch: one graph update instead of one per run.
-                keys = [f"alma-run-{self._session}-{t.key[0]}-{t.key[1]}-{n}" for t, n in tasks]
-                n = len(tasks)
-                futures = client.map(
-                    _dask_run,
-                    [self._session] * n,
-                    [token] * n,
-                    [payload] * n,
-                    keys,
-                    [t.key for t, _ in tasks],
-                    [t.path for t, _ in tasks],
-                    [t.iteration for t, _ in tasks],
-                    [t.checkpoint for t, _ in tasks],
-                    [self.retries] * n,
-                    [channel] * n,
-                    key=keys,
-                    pure=False,
-                )
-                with self._lock:
-                    for key, fut, (task, _) in zip(keys, futures, tasks, strict=True):
-                        self._futures[key] = fut
-                        self._tasks[task.key] = task
-                for key, item in zip(keys, tasks, strict=True):
-                    meta[key] = item
-                ac.update(futures)
-
-            def submit(task: Task, resubmits: int) -> None:
-                submit_many([(task, resubmits)])
-
-            def refill() -> None:
-                batch: list[tuple[Task, int]] = []
-                while len(meta) + len(batch) < window and not self._stopping:
-                    task = source.next_task()
-                    if task is None:
-                        break
-                    batch.append((task, 0))
-                if batch:
-                    submit_many(batch)
-
-            refill()
-            while not ac.is_empty():
-                for fut, res in ac.next_batch(block=True):
-                    task, resubmits = meta.pop(fut.key)
-                    with self._lock:
-                        self._futures.pop(fut.key, None)
-                    self._collect(source, task, fut, res, resubmits, distributed, submit)
-                    if fut.status == "finished" and isinstance(res, Outcome):
-                        d = res.duration / res.attempts
-                        mean = d if mean is None else 0.8 * mean + 0.2 * d
-                        per_worker = math.ceil(REFILL_LATENCY / max(mean, 1e-4))
-                        per_worker = min(
-                            max(per_worker, IN_FLIGHT_PER_WORKER), MAX_IN_FLIGHT_PER_WORKER
-                        )
-                        window = per_worker * self.workers
-                refill()
+            relay = _CheckpointRelay(self, source, distributed)
+            _Window(self, source, distributed, payload, relay).run()
         except BaseException as exc:  # a bug of alma's, not a run's: never silent
             source.executor_failed(exc)
         finally:
-            if receiver is not None:
-                with contextlib.suppress(Exception):
-                    queue.put(None)  # ends the receiver
-                receiver.join(10)  # no checkpoint may reach the dispatcher after this
-            if server is not None:
-                server.close()
-            with self._lock:
-                replies, self._replies = list(self._replies.values()), {}
-            for reply in [*replies, queue]:
-                with contextlib.suppress(Exception):
-                    reply.close()
+            if relay is not None:
+                relay.close()  # no checkpoint may reach the session after this
             # Shut down first: once executor_done() returns, join() returns, and a
             # script may exit or start() again before a local cluster has closed.
             self._end_session()
@@ -322,97 +235,6 @@ class DaskExecutor(Executor):
         error = AlmaError(message)
         error.__cause__ = exc
         source.executor_failed(error)  # shown by the controller and the CLI
-
-    def _collect(
-        self,
-        source: RunSource,
-        task: Task,
-        fut: Any,
-        res: Any,
-        resubmits: int,
-        distributed: Any,
-        submit: Callable[[Task, int], None],
-    ) -> None:
-        """Report, abandon or resubmit one finished future."""
-        status = fut.status
-        if status == "finished":
-            if isinstance(res, Outcome):
-                self._untrack(task)
-                source.report(task, res)
-                return
-            # _SKIPPED (the session stopped before it started) or _INTERRUPTED
-        elif status == "error" and not self._stopping:
-            exc = res[1] if isinstance(res, tuple) and len(res) == 3 else fut.exception()
-            if isinstance(exc, distributed.KilledWorker) and resubmits < MAX_RESUBMITS:
-                log.warning("%s iteration %s: %s; resubmitting", task.instance, task.iteration, exc)
-                submit(task, resubmits + 1)  # with task.checkpoint: the latest one
-                return
-            self._untrack(task)
-            error = f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, distributed.KilledWorker):
-                error = (
-                    f"WorkerDied: the Dask workers running this run died {resubmits + 1} "
-                    f"time(s) ({error}); out of memory?"
-                )
-            source.report(task, Outcome("failed", None, error, None, 1, 0.0))
-            return
-        elif status != "cancelled" and not self._stopping:  # lost: try again
-            submit(task, resubmits)
-            return
-        self._untrack(task)
-        source.abandon(task)
-
-    def _untrack(self, task: Task) -> None:
-        with self._lock:
-            self._tasks.pop(task.key, None)
-            reply = self._replies.pop(task.key, None)
-        if reply is not None:
-            with contextlib.suppress(Exception):
-                reply.close()
-
-    def _receive(self, source: RunSource, distributed: Any, queue: Any) -> None:
-        """Commit checkpoints sent by workers and answer each: "ok" or "stop".
-
-        Blocks on the queue without a timeout (a timed-out get is logged as an error by
-        the scheduler); the driver ends this loop by putting ``None`` on the queue.
-        """
-        client = self._client
-        while True:
-            try:
-                item = queue.get()
-            except Exception:  # the client or the scheduler is gone
-                return
-            if item is None:
-                return
-            reply_name, inst, it, state = item
-            answer = self._commit(source, inst, it, state)
-            try:
-                with self._lock:
-                    reply = self._replies.get((inst, it))
-                if reply is None or reply.name != reply_name:
-                    if reply is not None:
-                        reply.close()
-                    # One handle per run, kept until the run ends: a queue is created
-                    # on the scheduler once, not at every checkpoint.
-                    reply = distributed.Queue(reply_name, client=client)
-                    with self._lock:
-                        self._replies[(inst, it)] = reply
-                reply.put(answer)
-            except Exception:
-                log.exception("answering a checkpoint failed")
-
-    def _commit(self, source: RunSource, inst: int, it: int, state: str) -> str:
-        """Commit one checkpoint sent by a worker; the answer: "ok" or "stop"."""
-        with self._lock:
-            task = self._tasks.get((inst, it))
-        if task is None:  # abandoned (stop) or finished: nobody stores it any more
-            return "stop"
-        task.checkpoint = state
-        try:
-            source.checkpoint(task, state)  # returns once committed
-        except Interrupted:
-            return "stop"
-        return "ok"
 
     def _cancel_unstarted(self) -> None:
         """Stop: flag the session on every worker, cancel the futures not started yet."""
@@ -447,6 +269,215 @@ class DaskExecutor(Executor):
         with contextlib.suppress(Exception):
             if cluster is not None:
                 cluster.close(timeout=10)
+
+
+class _Window:
+    """The runs submitted to Dask and not yet collected: at most ``size`` at a time,
+    refilled from the session as they complete, resized to the runs' duration."""
+
+    def __init__(
+        self,
+        executor: DaskExecutor,
+        source: RunSource,
+        distributed: Any,
+        payload: ShippedRun,
+        relay: _CheckpointRelay,
+    ) -> None:
+        self.ex = executor
+        self.source = source
+        self.distributed = distributed
+        self.payload = payload
+        self.relay = relay
+        self.client = executor._client
+        self.token = f"{executor._session}-{uuid.uuid4().hex[:8]}"
+        self.size = IN_FLIGHT_PER_WORKER * executor.workers
+        self.mean: float | None = None  # moving average of run durations
+        # with_results: results are fetched on the client's event loop as tasks end,
+        # not by a blocking round trip per run from this thread.
+        self.ac = distributed.as_completed(
+            with_results=True, raise_errors=False, loop=self.client.loop
+        )
+        self.meta: dict[str, tuple[Task, int]] = {}  # dask key -> (task, resubmits)
+
+    def run(self) -> None:
+        """Until nothing is owed or in flight: collect what completed, refill."""
+        self.refill()
+        while not self.ac.is_empty():
+            for fut, res in self.ac.next_batch(block=True):
+                task, resubmits = self.meta.pop(fut.key)
+                with self.ex._lock:
+                    self.ex._futures.pop(fut.key, None)
+                self.collect(task, fut, res, resubmits)
+                if fut.status == "finished" and isinstance(res, Outcome):
+                    self.resize(res.duration / res.attempts)
+            self.refill()
+
+    def resize(self, seconds: float) -> None:
+        """Keep REFILL_LATENCY seconds of work queued per worker (within bounds)."""
+        self.mean = seconds if self.mean is None else 0.8 * self.mean + 0.2 * seconds
+        per_worker = math.ceil(REFILL_LATENCY / max(self.mean, 1e-4))
+        per_worker = min(max(per_worker, IN_FLIGHT_PER_WORKER), MAX_IN_FLIGHT_PER_WORKER)
+        self.size = per_worker * self.ex.workers
+
+    def refill(self) -> None:
+        batch: list[tuple[Task, int]] = []
+        while len(self.meta) + len(batch) < self.size and not self.ex._stopping:
+            task = self.source.next_task()
+            if task is None:
+                break
+            batch.append((task, 0))
+        if batch:
+            self.submit(batch)
+
+    def submit(self, tasks: list[tuple[Task, int]]) -> None:
+        """Submit (task, resubmits) pairs in one client.map: one graph update, not one
+        per run."""
+        session = self.ex._session
+        keys = [f"alma-run-{session}-{t.key[0]}-{t.key[1]}-{n}" for t, n in tasks]
+        n = len(tasks)
+        futures = self.client.map(
+            _dask_run,
+            [session] * n,
+            [self.token] * n,
+            [self.payload] * n,
+            keys,
+            [t.key for t, _ in tasks],
+            [t.path for t, _ in tasks],
+            [t.iteration for t, _ in tasks],
+            [t.checkpoint for t, _ in tasks],
+            [self.ex.retries] * n,
+            [self.relay.channel] * n,
+            key=keys,
+            pure=False,
+        )
+        with self.ex._lock:
+            for key, fut, (task, _) in zip(keys, futures, tasks, strict=True):
+                self.ex._futures[key] = fut
+                self.ex._tasks[task.key] = task
+        self.meta.update(zip(keys, tasks, strict=True))
+        self.ac.update(futures)
+
+    def collect(self, task: Task, fut: Any, res: Any, resubmits: int) -> None:
+        """Report, abandon or resubmit one finished future."""
+        stopping = self.ex._stopping
+        status = fut.status
+        if status == "finished":
+            if isinstance(res, Outcome):
+                self.untrack(task)
+                self.source.report(task, res)
+                return
+            # _SKIPPED (the session stopped before it started) or _INTERRUPTED
+        elif status == "error" and not stopping:
+            exc = res[1] if isinstance(res, tuple) and len(res) == 3 else fut.exception()
+            killed = isinstance(exc, self.distributed.KilledWorker)
+            if killed and resubmits < MAX_RESUBMITS:
+                log.warning("%s iteration %s: %s; resubmitting", task.instance, task.iteration, exc)
+                self.submit([(task, resubmits + 1)])  # with task.checkpoint: the latest one
+                return
+            self.untrack(task)
+            error = f"{type(exc).__name__}: {exc}"
+            if killed:
+                error = (
+                    f"WorkerDied: the Dask workers running this run died {resubmits + 1} "
+                    f"time(s) ({error}); out of memory?"
+                )
+            self.source.report(task, Outcome(FAILED, None, error, None, 1, 0.0))
+            return
+        elif status != "cancelled" and not stopping:  # lost: try again
+            self.submit([(task, resubmits)])
+            return
+        self.untrack(task)
+        self.source.abandon(task)
+
+    def untrack(self, task: Task) -> None:
+        with self.ex._lock:
+            self.ex._tasks.pop(task.key, None)
+        self.relay.forget(task.key)
+
+
+class _CheckpointRelay:
+    """Brings workers' checkpoints to the session and its answers back: over the direct
+    channel (:class:`_CheckpointServer`) when workers can connect, else through a
+    per-session queue on the scheduler and a reply queue per run."""
+
+    def __init__(self, executor: DaskExecutor, source: RunSource, distributed: Any) -> None:
+        self.ex = executor
+        self.source = source
+        self.distributed = distributed
+        self.client = executor._client
+        self._replies: dict[RunKey, Any] = {}  # run key -> its reply queue
+        self.queue = distributed.Queue(f"{executor._session}-ckpt", client=self.client)
+        self._receiver = threading.Thread(
+            target=self._receive, name="alma-dask-checkpoints", daemon=True
+        )
+        self._receiver.start()
+        self._server = _CheckpointServer.open(executor._direct_host(), self.commit)
+        self.channel = None if self._server is None else self._server.channel
+
+    def commit(self, inst: int, it: int, state: str) -> str:
+        """Commit one checkpoint sent by a worker; the answer: "ok" or "stop"."""
+        with self.ex._lock:
+            task = self.ex._tasks.get(RunKey(inst, it))
+        if task is None:  # abandoned (stop) or finished: nobody stores it any more
+            return "stop"
+        task.checkpoint = state
+        try:
+            self.source.checkpoint(task, state)  # returns once committed
+        except Interrupted:
+            return "stop"
+        return "ok"
+
+    def forget(self, key: RunKey) -> None:
+        """The run has ended: drop its reply queue."""
+        with self.ex._lock:
+            reply = self._replies.pop(key, None)
+        if reply is not None:
+            with contextlib.suppress(Exception):
+                reply.close()
+
+    def _receive(self) -> None:
+        """Commit checkpoints sent through the queue and answer each: "ok" or "stop".
+
+        Blocks on the queue without a timeout (a timed-out get is logged as an error by
+        the scheduler); close() ends this loop by putting ``None`` on the queue.
+        """
+        while True:
+            try:
+                item = self.queue.get()
+            except Exception:  # the client or the scheduler is gone
+                return
+            if item is None:
+                return
+            reply_name, inst, it, state = item
+            answer = self.commit(inst, it, state)
+            key = RunKey(inst, it)
+            try:
+                with self.ex._lock:
+                    reply = self._replies.get(key)
+                if reply is None or reply.name != reply_name:
+                    if reply is not None:
+                        reply.close()
+                    # One handle per run, kept until the run ends: a queue is created
+                    # on the scheduler once, not at every checkpoint.
+                    reply = self.distributed.Queue(reply_name, client=self.client)
+                    with self.ex._lock:
+                        self._replies[key] = reply
+                reply.put(answer)
+            except Exception:
+                log.exception("answering a checkpoint failed")
+
+    def close(self) -> None:
+        """End the receiver and the direct channel; close every queue handle."""
+        with contextlib.suppress(Exception):
+            self.queue.put(None)  # ends the receiver
+        self._receiver.join(10)
+        if self._server is not None:
+            self._server.close()
+        with self.ex._lock:
+            replies, self._replies = list(self._replies.values()), {}
+        for reply in [*replies, self.queue]:
+            with contextlib.suppress(Exception):
+                reply.close()
 
 
 class _CheckpointServer:
