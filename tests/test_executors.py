@@ -2,7 +2,8 @@
 
 The run contract (results, failures, retries, checkpoints, stop and resume) must not
 depend on where runs execute, so the core tests take an ``executor`` fixture that
-parametrizes them over threads, processes and a local Dask cluster. The tests after
+parametrizes them over every registered executor: threads, processes, a local Dask
+cluster, and ``test-pool``, written here against the public interface only. The tests after
 them cover what only processes promise: stop kills runs at once, a timeout ends a run,
 and a worker that dies fails only its own run.
 """
@@ -24,12 +25,50 @@ import pytest
 from helpers import ExperimentFactory, python_env, wait_until
 
 import alma
+import alma.executors
 import alma.experiment
+from alma.runfunc import make_caller
+
+
+class PoolExecutor(alma.executors.Executor):
+    """An executor written as a user would, against the documented interface only: a
+    ``concurrent.futures`` thread pool whose workers pull from the session. Registering
+    it puts it through the same behaviour suite as the built-in ones."""
+
+    usage = '"test-pool"'
+
+    def start(self, source: alma.executors.RunSource) -> None:
+        from concurrent.futures import ThreadPoolExecutor, wait
+
+        caller = make_caller(self.run)
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="test-pool")
+
+        def work() -> None:
+            while (task := source.next_task()) is not None:
+                try:
+                    outcome = alma.executors.execute(caller, task, source.checkpoint, self.retries)
+                except alma.Interrupted:
+                    source.abandon(task)
+                else:
+                    source.report(task, outcome)
+
+        futures = [pool.submit(work) for _ in range(self.workers)]
+
+        def finish() -> None:
+            wait(futures)
+            pool.shutdown()
+            for f in futures:
+                if f.exception() is not None:
+                    source.executor_failed(f.exception())  # type: ignore[arg-type]
+            source.executor_done()
+
+        threading.Thread(target=finish, daemon=True).start()
+
+
+alma.executors.register("test-pool", PoolExecutor)
 
 EXECUTORS = [
-    "threads",
-    "processes",
-    "dask",
+    *alma.executors.names(),  # every registered executor, test-pool included
     # Checkpoints through the scheduler's queues, as when workers cannot connect back.
     pytest.param("dask-queues", marks=pytest.mark.slow),
 ]

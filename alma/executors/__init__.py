@@ -16,12 +16,14 @@ from typing import Any
 from ..errors import ConfigError
 from .base import Executor, ExecutorChoice, RunSource, execute, to_json
 
-#: name -> the class, or "module:Class" to import on first use.
-_REGISTRY: dict[str, type[Executor] | str] = {
+#: The executors alma ships, imported on first use.
+_BUILTIN = {
     "threads": "alma.executors.threads:ThreadExecutor",
     "processes": "alma.executors.processes:ProcessExecutor",
     "dask": "alma.executors.dask:DaskExecutor",
 }
+#: name -> the class, or "module:Class" to import on first use.
+_REGISTRY: dict[str, type[Executor] | str] = dict(_BUILTIN)
 
 
 def register(name: str, cls: type[Executor] | str) -> None:
