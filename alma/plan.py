@@ -91,14 +91,16 @@ class Tally:
         self._version = None
 
     def add(self, rows: Iterable[RunRecord]) -> None:
-        """Count runs that have just been committed."""
+        """Count runs that have just been committed (in the writer thread, under the
+        mutex that next_task needs: kept tight)."""
+        position, iterations, done, failed = self.position, self.iterations, self.done, self.failed
         for row in rows:
-            pos = self.position.get(row.instance)
-            if pos is not None and row.iteration < self.iterations:
+            pos = position.get(row.instance)
+            if pos is not None and row.iteration < iterations:
                 if row.status == DONE:
-                    self.done[pos] += 1
+                    done[pos] += 1
                 else:
-                    self.failed[pos] += 1
+                    failed[pos] += 1
 
     def marks(self, store: Store) -> list[bytearray]:
         """Per instance in batch order, 1 at every finished iteration (done or failed)."""

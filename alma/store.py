@@ -192,7 +192,7 @@ class Store:
                         mark[it] = 1
         return marks
 
-    def checkpoints(self) -> dict[RunKey, str]:
+    def checkpoints(self) -> dict[tuple[int, int], str]:
         """Last checkpoint (JSON text) of every unfinished run that saved one."""
         if not self.exists():
             return {}
