@@ -93,8 +93,7 @@ class Dispatcher:
         if spec.timeout is not None and not executor_class(name).enforces_timeout:
             warnings.warn(
                 f'{spec.name}: "timeout": {spec.timeout:g} is not enforced by the {name} '
-                "executor (a run there cannot be ended from outside); use "
-                '"executor": "processes" to enforce it.',
+                'executor; use "executor": "processes" to enforce it.',
                 stacklevel=4,
             )
         previous = self._store.last_session_code()

@@ -10,9 +10,13 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from helpers import ExperimentFactory, python_env
 
 import alma
 import alma.executors
@@ -207,3 +211,48 @@ def test_register_makes_a_name_usable_and_validates_through_the_class(
         alma.executors.parse("nope", "here")
     with pytest.raises(TypeError):
         alma.executors.register("bad", object)  # type: ignore[arg-type]
+
+
+def test_an_installed_package_provides_an_executor_to_alma_run(
+    make_experiment: ExperimentFactory, tmp_path: Path
+) -> None:
+    """A package declaring ``[project.entry-points."alma.executors"]`` needs no register
+    call: ``alma run`` (a fresh process) finds its executor by name."""
+    site = tmp_path / "site"
+    (site / "almapool-1.0.dist-info").mkdir(parents=True)
+    (site / "almapool-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: almapool\nVersion: 1.0\n"
+    )
+    (site / "almapool-1.0.dist-info" / "entry_points.txt").write_text(
+        "[alma.executors]\npool = almapool:PoolExecutor\n"
+    )
+    (site / "almapool.py").write_text(
+        "from alma.executors.threads import ThreadExecutor\n\n"
+        "class PoolExecutor(ThreadExecutor):\n"
+        "    usage = '\"pool\"'\n"
+    )
+    exp = make_experiment(instances=2, iterations=2, executor="pool")
+    env = python_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
+    done = subprocess.run(
+        [sys.executable, "-m", "alma", "run", str(exp)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "4 of 4" in done.stdout + done.stderr
+    # Without the package, the name is unknown and the message lists the known ones.
+    done = subprocess.run(
+        [sys.executable, "-m", "alma", "run", str(exp)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=python_env(),
+        stdin=subprocess.DEVNULL,
+    )
+    assert (
+        done.returncode == 2 and "expected one of ['dask', 'processes', 'threads']" in done.stderr
+    )

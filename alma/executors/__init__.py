@@ -4,13 +4,17 @@
 ``"processes"``, ``"dask"``) or ``{"<name>": options}`` (e.g. ``{"dask":
 "tcp://host:8786"}``); each executor class validates its own options. Built-in
 executors are registered by ``"module:Class"`` and imported when first asked for, so
-optional dependencies stay optional. See "Writing an executor" in docs/executors.md.
+optional dependencies stay optional. An installed package can provide executors under
+the ``alma.executors`` entry-point group, so that they work everywhere an experiment is
+loaded (``alma run`` included) without a ``register`` call. See "Writing an executor"
+in docs/executors.md.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.metadata
 from typing import Any
 
 from ..errors import ConfigError
@@ -36,8 +40,25 @@ def register(name: str, cls: type[Executor] | str) -> None:
     _REGISTRY[name] = cls
 
 
+#: The entry-point group where installed packages declare executors.
+ENTRY_POINTS = "alma.executors"
+_discovered = False
+
+
+def _discover() -> None:
+    """Register executors that installed packages declare, once (names registered in
+    code win). Only done when a name is asked for that alma does not know yet."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINTS):
+        _REGISTRY.setdefault(ep.name, ep.value)
+
+
 def names() -> list[str]:
-    """The registered executor names, sorted."""
+    """The registered executor names (installed packages' included), sorted."""
+    _discover()
     return sorted(_REGISTRY)
 
 
@@ -59,6 +80,8 @@ def parse(value: Any, where: object) -> ExecutorChoice:
         ((name, options),) = value.items()
     else:
         name, options = value, None
+    if isinstance(name, str) and name not in _REGISTRY:
+        _discover()
     if not isinstance(name, str) or name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=1) if isinstance(name, str) else []
         fix = (
