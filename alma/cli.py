@@ -227,13 +227,10 @@ def _show_warning(
     line: str | None = None,
 ) -> None:
     """Warnings as one ``alma: warning: ...`` line: alma's file:line and source are noise here."""
-    text = str(message).removeprefix("alma: ")
-    try:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        tqdm.write(f"alma: warning: {text}", file=sys.stderr)  # keeps a progress bar intact
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        print(f"alma: warning: {text}", file=sys.stderr)
+    text = str(message).removeprefix("alma: ")
+    tqdm.write(f"alma: warning: {text}", file=sys.stderr)  # keeps a progress bar intact
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -283,13 +283,13 @@ class Session:
         with self._lock:
             self._inflight.pop(task.key, None)
 
-    def checkpoint(self, task: Task, state: str) -> None:
+    def checkpoint(self, task: Task, text: str) -> None:
         """Durably save a checkpoint, then abort the run if a stop was asked."""
         key = task.key
         self._writer.put_checkpoint(
-            CheckpointRecord(key.instance, key.iteration, state, time.time())
+            CheckpointRecord(key.instance, key.iteration, text, time.time())
         )
-        self._checkpoints[key] = state
+        self._checkpoints[key] = text
         if self.stopping:
             raise Interrupted(f"{task.instance} iteration {task.iteration}: stopped")
 

@@ -46,7 +46,7 @@ class RunSource(Protocol):
     def abandon(self, task: Task) -> None:
         """A run was aborted (stop); it is owed again."""
 
-    def checkpoint(self, task: Task, state: str) -> None:
+    def checkpoint(self, task: Task, text: str) -> None:
         """Durably save a checkpoint (JSON text) of a running task; returns once committed.
 
         Raises :class:`~alma.errors.Interrupted` (after saving) once a stop was asked."""
