@@ -115,12 +115,13 @@ class Session:
     def close(self) -> None:
         """Commit what is queued, fold the WAL in, release the OS lock. Caller holds the
         lifecycle lock but not the mutex (the writer's last callback takes it)."""
+        with self._lock:
+            self._plan = None  # from now on no task is handed out and no worker added
         self._writer.close()
         self._store.close_writer()
         self._oslock.release()
         with self._lock:
             self.clock.ended = time.monotonic()
-            self._plan = None
             self._inflight.clear()  # no executor is left: nothing is really in flight
             self._saving.clear()
             self._executors.clear()
