@@ -30,7 +30,8 @@ import logging
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import ipywidgets as widgets
 from tqdm.notebook import tqdm as tqdm_notebook
@@ -39,6 +40,7 @@ from .registry import open_controllers, register, touch, unregister
 
 if TYPE_CHECKING:
     from ..dispatcher import Dispatcher, Progress
+    from ..records import RunError
 
 __all__ = ["Controller"]
 
@@ -69,24 +71,6 @@ _KINDS = {
 _RANK = {"failing": 4, "running": 3, "partial": 2, "complete": 1, "untouched": 0}
 
 
-class _Bar(tqdm_notebook):  # type: ignore[misc]
-    """tqdm's notebook bar fed from a dispatcher snapshot instead of update() calls, so
-    rate and ETA are the dispatcher's own (this session's runs only)."""
-
-    monitor_interval = 0  # no tqdm monitor thread: our timer drives every redraw
-
-    snapshot: tuple[int, int, float, float | None] | None = None
-
-    @property
-    def format_dict(self) -> dict[str, Any]:
-        d = dict(super().format_dict)
-        if self.snapshot is not None:
-            n, total, elapsed, rate = self.snapshot
-            # initial=n: when rate is unknown tqdm must not invent one from elapsed time
-            d.update(n=n, total=total, elapsed=elapsed, rate=rate, initial=n)
-        return d
-
-
 class Controller(widgets.VBox):
     """A live control panel for one dispatcher: Start/Stop, progress, counts, status,
     the last error, and a per-instance strip that reads at a glance for 100+ files.
@@ -99,79 +83,40 @@ class Controller(widgets.VBox):
     def __init__(self, dispatcher: Dispatcher, *, interval: float = INTERVAL) -> None:
         self.interval = max(float(interval), 0.1)  # at most ~10 redraws per second
         self._dispatcher: Dispatcher | None = dispatcher
-        self._closed = False
         self._draw_lock = threading.RLock()
-        self._timer_lock = threading.Lock()
-        self._timer: threading.Thread | None = None
-        self._wake = threading.Event()
+        self._clock = _Timer()
         self._stopper: threading.Thread | None = None
         self._message = ""
         self._ui_error_logged = False
         #: How many redraws raised (each is logged once, then ignored).
         self.ui_errors = 0
+        # The displaying cell's context: every timer update is sent from a copy of it
+        # (ipykernel 7 routes a comm message by it; see the module docstring).
         self._context = contextvars.copy_context()
         self._instances_key: Any = None
         self._instances_at = 0.0
-        self._frozen_elapsed = 0.0
-        self._frozen_rate: float | None = None
         self._last_status = ""
 
-        name = dispatcher.spec.name
-        self.heading = widgets.HTML(f"<b>alma</b> · {html.escape(name)}")
-        self.heading.add_class("alma-title")
-        self.start_button = widgets.Button(
-            description="Start", icon="play", button_style="success", tooltip="Start or resume"
-        )
-        self.start_button.add_class("alma-start")
-        self.stop_button = widgets.Button(
-            description="Stop",
-            icon="stop",
-            button_style="warning",
-            tooltip="Pause: no new runs, in-flight runs end and are saved",
-        )
-        self.stop_button.add_class("alma-stop")
-        self.status_label = widgets.Label(value="")
-        self.status_label.add_class("alma-status")
+        name = html.escape(dispatcher.spec.name)
+        self.heading = _html("alma-title", f"<b>alma</b> · {name}")
+        self.start_button, self.stop_button = _buttons()
         self.start_button.on_click(self._on_start)
         self.stop_button.on_click(self._on_stop)
-
-        self.bar = _Bar(
-            total=dispatcher.spec.total, display=False, unit="run", leave=True, disable=False
-        )
-        self.bar.container.add_class("alma-progress")
-        self.bar.container.children[1].add_class("alma-progress-bar")
-        self.bar.container.layout.width = "100%"
-        self.counts = widgets.HTML()
-        self.counts.add_class("alma-counts")
-        self.message = widgets.HTML()
-        self.message.add_class("alma-message")
-
-        self.error_text = widgets.HTML()
-        self.error = widgets.Accordion(children=[self.error_text])
-        self.error.selected_index = None  # the traceback stays folded until asked for
-        self.error.layout.display = "none"
-        self.error.add_class("alma-error")
-
-        self.instances = widgets.HTML()
-        self.instances.add_class("alma-instances")
-
+        self.status_label = _styled(widgets.Label(value=""), "alma-status")
+        self.bar = _make_bar(dispatcher.spec.total)
+        self.counts = _html("alma-counts")
+        self.message = _html("alma-message")
+        self.error, self.error_text = _error_panel()
+        self.instances = _html("alma-instances")
         header = widgets.HBox(
             [self.start_button, self.stop_button, widgets.HTML("status:"), self.status_label],
             layout=widgets.Layout(align_items="center"),
         )
-        super().__init__(
-            children=[
-                self.heading,
-                header,
-                self.bar.container,
-                self.counts,
-                self.message,
-                self.error,
-                self.instances,
-            ]
-        )
+        parts = [self.bar.container, self.counts, self.message, self.error, self.instances]
+        super().__init__(children=[self.heading, header, *parts])
         self.add_class("alma-controller")
-        self._retire_others(dispatcher)
+
+        _retire_others(dispatcher)
         register(dispatcher, self)
         _live.add(self)
         _install_cell_hook()
@@ -189,7 +134,7 @@ class Controller(widgets.VBox):
     @property
     def closed(self) -> bool:
         """True once close() was called or a newer controller replaced this one."""
-        return self._closed
+        return self._clock.closed
 
     def refresh(self) -> None:
         """Redraw now from the caller's thread; never raises (a UI error is logged)."""
@@ -213,22 +158,14 @@ class Controller(widgets.VBox):
         """Stop the timer, close the widgets and let go of the dispatcher (which is left
         as it is, running or not): a closed controller keeps neither the dispatcher nor
         its open state file alive."""
-        self._shutdown()
+        self._clock.end()
         with self._draw_lock:
             d, self._dispatcher = self._dispatcher, None
         if d is not None:
             unregister(d, self)
         self.bar.disable = True  # tqdm must not redraw a closed bar when collected
         with self._draw_lock:
-            # Close every part (layouts and styles too): the widget registry holds each
-            # one until it is closed, and the front-end drops their views.
-            stack: list[widgets.Widget] = list(self.children)
-            while stack:
-                w = stack.pop()
-                stack.extend(getattr(w, "children", ()))
-                for part in (getattr(w, "layout", None), getattr(w, "style", None), w):
-                    if isinstance(part, widgets.Widget):
-                        part.close()
+            _close_all(self.children)
             self.layout.close()
             super().close()
 
@@ -249,7 +186,6 @@ class Controller(widgets.VBox):
         """Resend every part's state from this cell: front-ends that only keep messages
         of the cell they run (nbclient, for the notebook's saved widget state) then see
         the whole current picture, not just what changed since the last display."""
-        ltext, pbar, rtext = self.bar.container.children
         parts = [
             self.start_button,
             self.stop_button,
@@ -260,9 +196,7 @@ class Controller(widgets.VBox):
             self.error.layout,
             self.error_text,
             self.instances,
-            ltext,
-            pbar,
-            rtext,
+            *self.bar.container.children,  # text, bar, text
         ]
         try:
             for w in parts:
@@ -286,7 +220,7 @@ class Controller(widgets.VBox):
 
     def _on_stop(self, _button: Any = None) -> None:
         d = self._dispatcher
-        if d is None or (self._stopper is not None and self._stopper.is_alive()):
+        if d is None or self._stopping():
             return
         self._message = ""
         # stop() waits for in-flight runs to wind down: never in the kernel's thread.
@@ -303,7 +237,11 @@ class Controller(widgets.VBox):
         except Exception as exc:
             self._message = f"Could not stop: {exc}"
         finally:
-            self._wake.set()
+            self._clock.wake.set()
+
+    def _stopping(self) -> bool:
+        """True while the Stop button's thread waits for runs to wind down."""
+        return self._stopper is not None and self._stopper.is_alive()
 
     # -- drawing -------------------------------------------------------------------
 
@@ -327,7 +265,7 @@ class Controller(widgets.VBox):
                 return
             p = d.progress
             status: str = p.status
-            if status == "running" and self._stopper is not None and self._stopper.is_alive():
+            if status == "running" and self._stopping():
                 status = "stopping"  # the stop thread may not have reached the engine yet
             elif status in ("idle", "paused") and d.running_elsewhere:
                 status = ELSEWHERE  # e.g. `alma run` in a terminal: keep watching it
@@ -340,65 +278,31 @@ class Controller(widgets.VBox):
             with self.hold_sync():
                 self._draw_bar(p, status)
                 self.counts.value = _counts_html(p)
-                self.message.value = (
-                    f"<span style='color:#b00020'>{html.escape(self._message)}</span>"
-                    if self._message
-                    else ""
-                )
-                self._draw_error(d)
+                self.message.value = _message_html(self._message)
+                self._draw_error(d.last_error)
                 # Status and buttons last: once they say "finished", the rest says so too.
                 self.status_label.value = status
                 self.start_button.disabled = status not in ("idle", "paused")
                 self.stop_button.disabled = status != "running"
 
     def _draw_bar(self, p: Progress, status: str) -> None:
-        if status in _ACTIVE:
-            self._frozen_elapsed, self._frozen_rate = p.elapsed, p.rate
-            rate = p.rate
-        elif status == "finished":  # the clock stops; the session's rate stays of interest
-            rate = self._frozen_rate
-        else:  # paused or idle: the clock stops, and a rate (with its ETA) would mislead
-            rate = None
-        self.bar.snapshot = (p.finished, p.total, self._frozen_elapsed, rate)
-        self.bar.n = p.finished
-        pbar = self.bar.container.children[1]
-        if pbar.max != p.total:
-            pbar.max = p.total
-            self.bar.total = p.total
-        if p.failed:
-            style = "danger"
-        elif status == "finished":
-            style = "success"
-        else:
-            style = ""
-        pbar.bar_style = style
-        self.bar.display(check_delay=False)
+        self.bar.show(p, status)
 
-    def _draw_error(self, d: Dispatcher) -> None:
-        err = d.last_error
+    def _draw_error(self, err: RunError | None) -> None:
         if err is None:
             self.error.layout.display = "none"
             return
-        # The error first: a long instance path must not push it out of the title.
-        where = f" (in {err.instance.rsplit('/', 1)[-1]} #{err.iteration})" if err.instance else ""
-        title = f"Last error: {err.error}"
-        if len(title) > 140:
-            title = title[:139] + "…"
-        title += where
-        self.error.titles = (title,)
-        self.error_text.value = (
-            "<pre style='white-space:pre-wrap;font-size:11px;margin:0'>"
-            f"{html.escape(err.traceback or err.error)}</pre>"
-        )
+        self.error.titles = (_error_title(err),)
+        self.error_text.value = _error_html(err)
         self.error.layout.display = ""
 
     def _draw_instances(self, d: Dispatcher) -> None:
         frame = d.state
         names = [str(x) for x in frame["instance"]]
-        done = [int(x) for x in frame["done"]]
-        failed = [int(x) for x in frame["failed"]]
-        running = [int(x) for x in frame["running"]]
-        iterations = [int(x) for x in frame["iterations"]]
+        done, failed, running, iterations = (
+            [int(x) for x in frame[column]]
+            for column in ("done", "failed", "running", "iterations")
+        )
         key = (tuple(done), tuple(failed), tuple(running))
         if key == self._instances_key:
             return  # nothing changed: send nothing to the browser
@@ -407,22 +311,15 @@ class Controller(widgets.VBox):
 
     # -- timer ---------------------------------------------------------------------
 
+    @property
+    def _timer(self) -> threading.Thread | None:
+        """The live timer thread (None while idle: nothing to poll)."""
+        return self._clock.thread
+
     def _ensure_timer(self) -> None:
         """Make sure a timer thread redraws (start one, or keep the live one awake); the
         implementation of :meth:`follow`."""
-        with self._timer_lock:
-            if self._closed:
-                return
-            self._wake.set()
-            if self._timer is not None and self._timer.is_alive():
-                return
-            self._timer = threading.Thread(
-                target=_timer_loop,
-                args=(weakref.ref(self), self._wake),
-                name="alma-controller",
-                daemon=True,
-            )
-            self._timer.start()
+        self._clock.start(self)
 
     def _tick(self) -> bool:
         """One timed redraw in the displaying cell's context; True while worth polling."""
@@ -430,30 +327,12 @@ class Controller(widgets.VBox):
             self._context.run(self._safe_redraw)
         except RuntimeError:  # context entered elsewhere (should not happen): draw plainly
             self._safe_redraw()
-        return self._last_status in _ACTIVE or (
-            self._stopper is not None and self._stopper.is_alive()
-        )
-
-    def _timer_may_end(self) -> bool:
-        """Called by the timer when idle: end it unless someone just asked for it."""
-        with self._timer_lock:
-            if self._wake.is_set():
-                return False
-            self._timer = None
-            return True
-
-    def _shutdown(self) -> None:
-        with self._timer_lock:
-            self._closed = True
-            timer, self._timer = self._timer, None
-            self._wake.set()
-        if timer is not None and timer is not threading.current_thread():
-            timer.join(timeout=2)
+        return self._last_status in _ACTIVE or self._stopping()
 
     def _retire(self) -> None:
         """A newer controller shows the same experiment: let go of the old dispatcher
         (and its open state file) and say so, instead of showing stale numbers."""
-        self._shutdown()
+        self._clock.end()
         with self._draw_lock:
             self._dispatcher = None
             try:
@@ -466,40 +345,144 @@ class Controller(widgets.VBox):
             except Exception:  # a closed widget: nothing to tell
                 pass
 
-    def _retire_others(self, dispatcher: Dispatcher) -> None:
-        others = [
-            c
-            for d, c in open_controllers()
-            if d is not dispatcher and d.state_path == dispatcher.state_path
-        ]
-        for c in others:
-            d = c.dispatcher
-            if d is not None and not d.running:
-                c._retire()
+
+def _retire_others(dispatcher: Dispatcher) -> None:
+    """Retire the idle controllers of other dispatchers of the same experiment."""
+    others = [
+        c
+        for d, c in open_controllers()
+        if d is not dispatcher and d.state_path == dispatcher.state_path
+    ]
+    for c in others:
+        d = c.dispatcher
+        if d is not None and not d.running:
+            c._retire()
 
 
-def _timer_loop(ref: weakref.ref[Controller], wake: threading.Event) -> None:
-    """Redraw every ``interval`` while runs go on; end after IDLE_GRACE quiet seconds.
+# -- building the widgets ------------------------------------------------------------
 
-    Holds the controller only weakly between ticks, so a dropped controller ends it.
-    """
-    quiet_since: float | None = None
-    while True:
-        c = ref()
-        if c is None or c.closed:
-            return
-        busy = c._tick()
-        interval = c.interval
-        if busy:
-            quiet_since = None
-        elif quiet_since is None:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since > IDLE_GRACE and c._timer_may_end():
-            return
-        del c
-        if wake.wait(interval):
-            wake.clear()
-            quiet_since = None
+_W = TypeVar("_W", bound=widgets.DOMWidget)
+
+
+def _styled(widget: _W, css_class: str) -> _W:
+    widget.add_class(css_class)
+    return widget
+
+
+def _html(css_class: str, value: str = "") -> widgets.HTML:
+    return _styled(widgets.HTML(value), css_class)
+
+
+def _buttons() -> tuple[widgets.Button, widgets.Button]:
+    """Start and Stop."""
+    start = widgets.Button(
+        description="Start", icon="play", button_style="success", tooltip="Start or resume"
+    )
+    stop = widgets.Button(
+        description="Stop",
+        icon="stop",
+        button_style="warning",
+        tooltip="Pause: no new runs, in-flight runs end and are saved",
+    )
+    return _styled(start, "alma-start"), _styled(stop, "alma-stop")
+
+
+def _make_bar(total: int) -> _Bar:
+    bar = _Bar(total=total, display=False, unit="run", leave=True, disable=False)
+    bar.container.add_class("alma-progress")
+    bar.container.children[1].add_class("alma-progress-bar")
+    bar.container.layout.width = "100%"
+    return bar
+
+
+def _error_panel() -> tuple[widgets.Accordion, widgets.HTML]:
+    """The last error: a folded accordion (hidden while there is none) and its text."""
+    text = widgets.HTML()
+    error = widgets.Accordion(children=[text])
+    error.selected_index = None  # the traceback stays folded until asked for
+    error.layout.display = "none"
+    error.add_class("alma-error")
+    return error, text
+
+
+def _close_all(children: Iterable[widgets.Widget]) -> None:
+    """Close every part (layouts and styles too): the widget registry holds each one
+    until it is closed, and the front-end drops their views."""
+    stack: list[widgets.Widget] = list(children)
+    while stack:
+        w = stack.pop()
+        stack.extend(getattr(w, "children", ()))
+        for part in (getattr(w, "layout", None), getattr(w, "style", None), w):
+            if isinstance(part, widgets.Widget):
+                part.close()
+
+
+class _Bar(tqdm_notebook):  # type: ignore[misc]
+    """tqdm's notebook bar fed from a dispatcher snapshot instead of update() calls, so
+    rate and ETA are the dispatcher's own (this session's runs only)."""
+
+    monitor_interval = 0  # no tqdm monitor thread: our timer drives every redraw
+
+    snapshot: tuple[int, int, float, float | None] | None = None
+    # Elapsed time and rate as of the last redraw while active: the clock stops after.
+    frozen_elapsed = 0.0
+    frozen_rate: float | None = None
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        d = dict(super().format_dict)
+        if self.snapshot is not None:
+            n, total, elapsed, rate = self.snapshot
+            # initial=n: when rate is unknown tqdm must not invent one from elapsed time
+            d.update(n=n, total=total, elapsed=elapsed, rate=rate, initial=n)
+        return d
+
+    def show(self, p: Progress, status: str) -> None:
+        """Draw ``p`` as seen by a controller whose status is ``status``."""
+        if status in _ACTIVE:
+            self.frozen_elapsed, self.frozen_rate = p.elapsed, p.rate
+            rate = p.rate
+        elif status == "finished":  # the clock stops; the session's rate stays of interest
+            rate = self.frozen_rate
+        else:  # paused or idle: the clock stops, and a rate (with its ETA) would mislead
+            rate = None
+        self.snapshot = (p.finished, p.total, self.frozen_elapsed, rate)
+        self.n = p.finished
+        pbar = self.container.children[1]
+        if pbar.max != p.total:
+            pbar.max = p.total
+            self.total = p.total
+        if p.failed:
+            style = "danger"
+        elif status == "finished":
+            style = "success"
+        else:
+            style = ""
+        pbar.bar_style = style
+        self.display(check_delay=False)
+
+
+# -- drawing -------------------------------------------------------------------------
+
+
+def _message_html(message: str) -> str:
+    return f"<span style='color:#b00020'>{html.escape(message)}</span>" if message else ""
+
+
+def _error_title(err: RunError) -> str:
+    # The error first: a long instance path must not push it out of the title.
+    where = f" (in {err.instance.rsplit('/', 1)[-1]} #{err.iteration})" if err.instance else ""
+    title = f"Last error: {err.error}"
+    if len(title) > 140:
+        title = title[:139] + "…"
+    return title + where
+
+
+def _error_html(err: RunError) -> str:
+    return (
+        "<pre style='white-space:pre-wrap;font-size:11px;margin:0'>"
+        f"{html.escape(err.traceback or err.error)}</pre>"
+    )
 
 
 def _counts_html(p: Progress) -> str:
@@ -573,6 +556,76 @@ def _instances_html(
         "<div style='display:flex;flex-wrap:wrap;max-width:100%;margin-top:2px'>"
         f"{''.join(cells)}</div>"
     )
+
+
+# -- the timer -----------------------------------------------------------------------
+
+
+class _Timer:
+    """A controller's timer thread: :meth:`start` starts one (or wakes the live one), it
+    ends by itself after IDLE_GRACE quiet seconds, and :meth:`end` ends it for good."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.wake = threading.Event()
+        #: Set by end(): no thread starts again (the controller is closed or retired).
+        self.closed = False
+
+    def start(self, controller: Controller) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.wake.set()
+            if self.thread is not None and self.thread.is_alive():
+                return
+            self.thread = threading.Thread(
+                target=_timer_loop,
+                args=(weakref.ref(controller), self),
+                name="alma-controller",
+                daemon=True,
+            )
+            self.thread.start()
+
+    def may_end(self) -> bool:
+        """Called by the thread when idle: end it unless someone just asked for it."""
+        with self._lock:
+            if self.wake.is_set():
+                return False
+            self.thread = None
+            return True
+
+    def end(self) -> None:
+        with self._lock:
+            self.closed = True
+            thread, self.thread = self.thread, None
+            self.wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2)
+
+
+def _timer_loop(ref: weakref.ref[Controller], timer: _Timer) -> None:
+    """Redraw every ``interval`` while runs go on; end after IDLE_GRACE quiet seconds.
+
+    Holds the controller only weakly between ticks, so a dropped controller ends it.
+    """
+    quiet_since: float | None = None
+    while True:
+        c = ref()
+        if c is None or c.closed:
+            return
+        busy = c._tick()
+        interval = c.interval
+        if busy:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > IDLE_GRACE and timer.may_end():
+            return
+        del c
+        if timer.wake.wait(interval):
+            timer.wake.clear()
+            quiet_since = None
 
 
 # Live controllers, woken after every cell so that a dispatcher started from code
