@@ -2,9 +2,9 @@
 
 Exit codes:
     0    success (``run``: every run of the plan finished and none failed)
-    1    ``run`` finished, but some runs failed (see ``alma status``/``alma results``)
+    1    ``run``: not every run finished done: some failed, or an executor failed
     2    bad usage or a bad experiment/batch/run module (ConfigError)
-    3    the state file cannot be used (StateError)
+    3    the state file cannot be used, or could not be written during ``run`` (StateError)
     4    the experiment is already running elsewhere (LockedError)
     130  ``run`` was paused by Ctrl-C or SIGTERM; ``alma run`` again continues
 """
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, LockedError, StateError
+from .errors import AlmaError, ConfigError, LockedError, StateError
 
 EXIT_OK, EXIT_FAILED_RUNS, EXIT_CONFIG, EXIT_STATE, EXIT_LOCKED, EXIT_PAUSED = 0, 1, 2, 3, 4, 130
 
@@ -74,11 +74,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
     summary = f"{p.done} of {p.total} runs done, {p.failed} failed"
-    if asked.is_set() and not dispatcher.finished:
-        print(
-            f"alma: paused: {summary}. Continue with: alma run {args.experiment}", file=sys.stderr
-        )
-        return EXIT_PAUSED
+    halted = dispatcher.halted
+    if halted is not None:  # alma's own machinery failed: never "finished"
+        print(f"alma: stopped: {summary}.\nalma: error: {halted}", file=sys.stderr)
+        return EXIT_STATE if isinstance(halted, StateError) else EXIT_FAILED_RUNS
+    if not dispatcher.finished:
+        if asked.is_set():
+            print(
+                f"alma: paused: {summary}. Continue with: alma run {args.experiment}",
+                file=sys.stderr,
+            )
+            return EXIT_PAUSED
+        print(f"alma: stopped before the end: {summary}.", file=sys.stderr)
+        _print_last_error(dispatcher.last_error, args.experiment)
+        return EXIT_FAILED_RUNS
     print(f"alma: finished: {summary}. State: {dispatcher.state_path}", file=sys.stderr)
     if p.failed or dispatcher.last_error is not None:
         _print_last_error(dispatcher.last_error, args.experiment)
@@ -243,10 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `alma results x | head`: the reader left, not an error
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return EXIT_OK
-    except (ConfigError, StateError, LockedError) as exc:
+    except AlmaError as exc:  # said what is wrong and the fix; a traceback adds nothing
         print(f"alma: error: {exc}", file=sys.stderr)
-        codes = {ConfigError: EXIT_CONFIG, StateError: EXIT_STATE, LockedError: EXIT_LOCKED}
-        return codes[type(exc)]
+        for kind, code in ((ConfigError, EXIT_CONFIG), (StateError, EXIT_STATE)):
+            if isinstance(exc, kind):
+                return code
+        return EXIT_LOCKED if isinstance(exc, LockedError) else EXIT_FAILED_RUNS
     finally:
         warnings.showwarning = previous_showwarning
 

@@ -20,6 +20,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .errors import AlmaError
 from .executors import executor_class
 from .lock import ExperimentLock
 from .plan import Tally
@@ -84,6 +85,7 @@ class Dispatcher:
         self._hooks = SessionHooks(idle=self._session_idle, error=self._record_error)
         #: The last failure seen (a run's, or of alma's own machinery), or None.
         self.last_error: RunError | None = None
+        self._halted: AlmaError | None = None
         self._tally.refresh(self._store, force=True)
         self._warn_at_load()
 
@@ -180,9 +182,20 @@ class Dispatcher:
         return False
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait until the session ends; True when every run has finished."""
-        self._idle.wait(timeout)
-        return self.finished
+        """Wait until the session has ended; True when it has and every run has finished.
+
+        The session has ended once its executors have cleaned up, the last commit is in,
+        the state file is whole on its own (no -wal needed) and the lock is released."""
+        return self._idle.wait(timeout) and self.finished
+
+    @property
+    def halted(self) -> AlmaError | None:
+        """Why the current or last session stopped before every run ended, when alma's
+        own machinery failed: a StateError when the state file could not be written (or
+        was deleted or replaced meanwhile), an AlmaError when an executor failed; None
+        after a session that ended normally or was paused."""
+        session = self._session
+        return session.halted if session is not None else self._halted
 
     @property
     def progress(self) -> Progress:
@@ -303,6 +316,7 @@ class Dispatcher:
         with self._mutex:
             self._session = session
             self._clock = session.clock
+            self._halted = None
         return session
 
     def _close_session(self) -> None:
@@ -314,6 +328,7 @@ class Dispatcher:
         session.close()
         with self._mutex:
             self._session = None
+            self._halted = session.halted
         self._idle.set()
 
     def _session_idle(self, session: Session) -> None:

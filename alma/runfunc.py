@@ -70,8 +70,13 @@ def load_module_run(module: Path, where: str | Path) -> Callable[..., Any]:
     sys.modules[name] = mod  # lets pickling, dataclasses and typing find the module
     try:
         spec.loader.exec_module(mod)
-    except Exception as exc:
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:
         sys.modules.pop(name, None)
+        if isinstance(exc, SystemExit):
+            raise ConfigError(
+                f"{where}, field 'load': the run module {module} called sys.exit() while "
+                'being imported. Put script code under if __name__ == "__main__":.'
+            ) from None
         raise ConfigError(
             f"{where}, field 'load': importing {module} failed with "
             f"{type(exc).__name__}: {exc}. Fix the module."

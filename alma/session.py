@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import AlmaError, Interrupted
+from .errors import AlmaError, Interrupted, StateError
 from .executors import Executor, executor_class
 from .lock import ExperimentLock
 from .plan import Plan, Tally, owed
@@ -79,6 +79,9 @@ class Session:
         self.clock = SessionClock(started=time.monotonic())
         #: True once stop() was asked: no task is handed out any more.
         self.stopping = False
+        #: Why this session stopped before its end: an error of alma's own machinery
+        #: (a StateError when the state file could not be written), or None.
+        self.halted: AlmaError | None = None
         self._plan: Plan | None = None
         # Keyed by RunKey, which is a (instance, iteration) tuple: plain tuples find them.
         self._inflight: dict[tuple[int, int], Task] = {}  # executing now
@@ -307,6 +310,7 @@ class Session:
         An AlmaError says what happened and the fix itself; anything else is a bug."""
         message = str(exc) if isinstance(exc, AlmaError) else f"executor failed: {_describe(exc)}"
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.halted = exc if isinstance(exc, AlmaError) else AlmaError(message)
         self._hooks.error(RunError("", -1, message, tb))
 
     # -- the writer's callbacks (in its thread) ---------------------------------------
@@ -323,17 +327,18 @@ class Session:
             self.clock.runs += len(rows)
 
     def _writer_failed(self, exc: BaseException) -> None:
-        """The state file could not be written (disk full, I/O error): stop, say why."""
-        self._hooks.error(
-            RunError(
-                "",
-                -1,
+        """The state file could not be written (disk full, I/O error, the file replaced):
+        stop, and say why."""
+        if isinstance(exc, StateError):  # the store said what happened and what to do
+            error = exc
+        else:
+            error = StateError(
                 f"State file {self.spec.state_path}: saving failed ({_describe(exc)}). Runs "
                 "finished before are kept; free disk space (or fix the file's permissions), "
-                "then start() again.",
-                "",
+                "then start again."
             )
-        )
+        self.halted = error
+        self._hooks.error(RunError("", -1, str(error), ""))
         threading.Thread(target=self.stop, name="alma-stop", daemon=True).start()
 
 

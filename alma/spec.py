@@ -142,6 +142,12 @@ def _read_json(path: Path, what: str, base: Path) -> dict[str, Any]:
         ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the {what} file ({exc}).") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: the {what} file is not UTF-8 text (byte {exc.start} is "
+            f"{exc.object[exc.start : exc.start + 1]!r}; saved as UTF-16 or Latin-1?). "
+            "Save it as UTF-8 (in Notepad: Save as, Encoding UTF-8)."
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -200,6 +206,15 @@ def expand_instances(
     seen: set[str] = set()
 
     def add(name: str, path: str) -> None:
+        try:  # a name the file system gave in another encoding cannot be stored
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _fail(
+                where,
+                "instances",
+                f"the file name {os.fsencode(path)!r} is not valid UTF-8",
+                "Rename the file (alma stores names as UTF-8 text).",
+            ) from None
         # A file is one instance however it is spelt ("a.txt", "./a.txt", a glob).
         if path not in seen:
             seen.add(path)

@@ -78,6 +78,7 @@ class Store:
         self.path = Path(path)
         self.experiment = experiment
         self._writer: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None  # (device, inode) the writer opened
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
         self._ready = False  # the file was seen holding alma's schema
@@ -277,6 +278,8 @@ class Store:
             db.close()
             raise
         self._writer = db
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
         return {name: ids[name] for name, _ in instances}
 
     def write(
@@ -288,6 +291,7 @@ class Store:
         """Commit a group of finished runs and checkpoints in one atomic transaction."""
         db = self._writer
         assert db is not None, "open_writer() first"
+        self._check_still_there()
         db.execute("BEGIN")
         try:
             # map(tuple): sqlite3 binds exact tuples ~1 µs per row faster than NamedTuples.
@@ -307,10 +311,33 @@ class Store:
                 db.execute("ROLLBACK")
             raise
 
+    def _check_still_there(self) -> None:
+        """Refuse to commit into a file that is no longer the one at the path.
+
+        A state file deleted, moved or replaced while a session writes to it (``rm``, a
+        sync tool, ``git checkout``) would otherwise take every later commit with it,
+        unseen: the open connection writes on into the old file. One ``stat`` per group
+        commit (every few milliseconds at most) notices it.
+        """
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            what = "was deleted (or moved away)"
+        else:
+            if (st.st_dev, st.st_ino) == self._identity:
+                return
+            what = "was replaced by another file"
+        raise StateError(
+            f"State file {self.path} {what} while this session was writing to it; the "
+            "session stopped. Runs it committed before went with the old file. Put the "
+            "file back (or let alma start a new one), then run the experiment again."
+        )
+
     def delete_runs(self, failed_only: bool) -> int:
         """Forget finished runs (all, or only the failed ones) so they are owed again."""
         db = self._writer
         assert db is not None, "open_writer() first"
+        self._check_still_there()
         db.execute("BEGIN IMMEDIATE")
         try:
             if failed_only:
@@ -339,6 +366,7 @@ class Store:
                 self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._writer.close()
             self._writer = None
+            self._identity = None
 
     def close(self) -> None:
         """Close every connection this object holds."""

@@ -184,6 +184,20 @@ def _user_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
+def _load_checkpoint(text: str | None) -> Any:
+    """The run's ``state``: its last checkpoint decoded, or None."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:  # damaged in the state file
+        raise ValueError(
+            f"the checkpoint saved for this run cannot be read back ({type(exc).__name__}: "
+            f"{exc}); it is dropped with this failure, so retrying the failed runs "
+            "(alma reset --failed, or retry_failed()) starts this one from scratch"
+        ) from None
+
+
 def execute(
     caller: Caller,
     task: Task,
@@ -205,8 +219,8 @@ def execute(
     start = time.perf_counter()
     while True:
         attempt += 1
-        state = None if task.checkpoint is None else json.loads(task.checkpoint)
         try:
+            state = _load_checkpoint(task.checkpoint)
             result = to_json(caller(task.path, save_callback, state, task.iteration))
         except Interrupted:
             raise  # a stop, not a failure: the run is owed again
