@@ -8,9 +8,11 @@ never deleted: removing a lock file while another process waits on it breaks the
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -34,12 +36,26 @@ class ExperimentLock:
         if self._fd is not None:
             return
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a symlink planted at the lock's path must not make alma write
+            # (and truncate) whatever it points to.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StateError(
+                    f"The lock file {self.path} is a symbolic link; alma does not follow it. "
+                    "Remove the link, then start again."
+                ) from None
             raise StateError(
                 f"Cannot create the lock file {self.path} ({exc.strerror}). Check that the "
                 "folder of the state file still exists and is writable."
             ) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)  # a hard link to another file: truncating it would damage that one
+            raise StateError(
+                f"The lock file {self.path} is not a plain file of its own (hard links: "
+                f"{st.st_nlink}); alma will not write to it. Remove it, then start again."
+            )
         for attempt in range(5):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -74,8 +90,9 @@ class ExperimentLock:
         if self._fd is not None:
             return None
         try:
-            fd = os.open(self.path, os.O_RDONLY)  # never creates the file: reading only
-        except FileNotFoundError:
+            # Never creates the file (reading only), never follows a planted symlink.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:  # no lock file, or a planted symlink (acquire refuses it)
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

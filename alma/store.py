@@ -14,6 +14,7 @@ Values are JSON text (results, checkpoints), never pickles.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -130,8 +131,14 @@ class Store:
                         f"alma reads up to {SCHEMA_VERSION}); upgrade alma"
                     )
                 row = db.execute("SELECT value FROM meta WHERE key='experiment'").fetchone()
+                foreign = _foreign_objects(db)
         except sqlite3.DatabaseError as exc:
             raise self._refuse(f"unreadable or corrupt ({exc})") from None
+        if foreign:
+            raise self._refuse(
+                f"it holds schema objects alma did not create ({', '.join(foreign[:5])}): "
+                "a trigger or view there could change results behind alma's back"
+            )
         if row is None:
             raise self._refuse("it lacks alma's metadata (damaged)")
         if row[0] != self.experiment:
@@ -375,6 +382,21 @@ class Store:
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None
+
+
+@functools.cache
+def _own_objects() -> frozenset[tuple[str, str, str | None]]:
+    """(type, name, sql) of every schema object alma creates: tables and their indexes."""
+    with contextlib.closing(sqlite3.connect(":memory:")) as db:
+        db.executescript(_SCHEMA)
+        return frozenset(db.execute("SELECT type, name, sql FROM sqlite_master"))
+
+
+def _foreign_objects(db: sqlite3.Connection) -> list[str]:
+    """Schema objects alma did not create (or whose definition was changed), by name."""
+    own = _own_objects()
+    rows = db.execute("SELECT type, name, sql FROM sqlite_master").fetchall()
+    return sorted(f"{kind} {name}" for kind, name, sql in rows if (kind, name, sql) not in own)
 
 
 class _Reading:

@@ -83,6 +83,10 @@ _ACK_POLL = 10.0
 DIRECT_CHECKPOINTS = True
 #: Seconds a worker tries to open the direct channel before using the queues.
 DIRECT_CONNECT_TIMEOUT = 3.0
+#: Seconds a connection to the direct channel has to show the session's secret.
+AUTH_TIMEOUT = 3.0
+#: Connections that have not authenticated yet, at most; more are dropped at once.
+MAX_UNAUTHENTICATED = 32
 
 _INSTALL_HINT = 'Install it with: pip install "pyalma[dask]"'
 #: What a Dask task returns instead of an Outcome when its run did not end.
@@ -192,7 +196,8 @@ class DaskExecutor(Executor):
             n_workers=self.workers,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=":0",
+            # Loopback only: the dashboard serves worker pages without authentication.
+            dashboard_address="127.0.0.1:0",
         )
         return distributed.Client(self._cluster, set_as_default=False)
 
@@ -497,6 +502,7 @@ class _CheckpointServer:
         host, port = sock.getsockname()[:2]
         self.channel = (str(host), int(port), self._secret)
         self._conns: set[Connection] = set()
+        self._pending = 0  # connections that have not shown the secret yet
         self._lock = threading.Lock()
         self._closed = False
         threading.Thread(target=self._accept, name="alma-dask-direct", daemon=True).start()
@@ -526,20 +532,30 @@ class _CheckpointServer:
                 if self._closed:
                     conn.close()
                     return
+                if self._pending >= MAX_UNAUTHENTICATED:  # a flood: drop, keep serving
+                    conn.close()
+                    continue
+                self._pending += 1
                 self._conns.add(conn)
             threading.Thread(
                 target=self._serve, args=(conn,), name="alma-dask-direct-conn", daemon=True
             ).start()
 
     def _serve(self, conn: Connection) -> None:
+        authenticated = False
         try:
-            if not conn.poll(10):
+            # Nothing is allocated from a peer's length header before it has shown the
+            # secret: recv_bytes(256) refuses a longer message without reading it.
+            if not conn.poll(AUTH_TIMEOUT):
                 return
             hello = json.loads(conn.recv_bytes(256))
             if not isinstance(hello, dict) or not hmac.compare_digest(
                 str(hello.get("secret", "")), self._secret
             ):
                 return
+            authenticated = True
+            with self._lock:
+                self._pending -= 1
             while True:
                 inst, it, state = json.loads(conn.recv_bytes())
                 conn.send_bytes(self._handler(int(inst), int(it), str(state)).encode())
@@ -548,6 +564,8 @@ class _CheckpointServer:
         finally:
             with self._lock:
                 self._conns.discard(conn)
+                if not authenticated:
+                    self._pending -= 1
             with contextlib.suppress(OSError):
                 conn.close()
 
