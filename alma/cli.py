@@ -235,11 +235,20 @@ def _show_warning(
     file: Any = None,
     line: str | None = None,
 ) -> None:
-    """Warnings as one ``alma: warning: ...`` line: alma's file:line and source are noise here."""
+    """Warnings as one line, printed above the progress bar. alma's own say ``alma:
+    warning: ...`` (their file:line and source are noise); others (a run's own, e.g.
+    sklearn's ConvergenceWarning) keep their category and the line that raised them."""
     from tqdm import tqdm
 
     text = str(message).removeprefix("alma: ")
-    tqdm.write(f"alma: warning: {text}", file=sys.stderr)  # keeps a progress bar intact
+    if filename.startswith(_ALMA_DIR):
+        line_out = f"alma: warning: {text}"
+    else:
+        kind = category.__qualname__
+        if category.__module__ != "builtins":
+            kind = f"{category.__module__}.{kind}"
+        line_out = f"warning: {kind}: {text} (at {filename}:{lineno})"
+    tqdm.write(line_out, file=sys.stderr)  # keeps a progress bar intact
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -68,6 +68,11 @@ def load_module_run(module: Path, where: str | Path) -> Callable[..., Any]:
         )
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod  # lets pickling, dataclasses and typing find the module
+    # Its folder is importable, as a script's is, so `from helpers import x` next to it
+    # works from any current folder; worker processes inherit this sys.path.
+    folder = str(module.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(mod)
     except (Exception, SystemExit, KeyboardInterrupt) as exc:

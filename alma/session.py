@@ -83,6 +83,7 @@ class Session:
         #: (a StateError when the state file could not be written), or None.
         self.halted: AlmaError | None = None
         self._plan: Plan | None = None
+        self._owed = 0  # runs the plan held when it was made
         # Keyed by RunKey, which is a (instance, iteration) tuple: plain tuples find them.
         self._inflight: dict[tuple[int, int], Task] = {}  # executing now
         self._saving: set[tuple[int, int]] = set()  # finished, waiting for their commit
@@ -152,10 +153,11 @@ class Session:
         executor is left, so the session should close."""
         with self._lock:
             self.stopping = False
-            self._plan = self._replan()
+            self._plan, self._owed = self._replan()
             # Workers of runs still in flight (a stop that timed out) pull from this
-            # plan too once their run ends: start only the missing ones.
-            free = self.spec.workers - len(self._inflight)
+            # plan too once their run ends: start only the missing ones, and never more
+            # than there are runs to do.
+            free = min(self.spec.workers - len(self._inflight), self._owed)
             if self._plan is not None and free > 0:
                 self._live += 1  # reserved: the session cannot end meanwhile
                 return free
@@ -164,7 +166,7 @@ class Session:
     def add_workers(self) -> None:
         """After a reset mid-session: workers for the re-queued runs, up to ``workers``."""
         with self._lock:
-            free = self.spec.workers - len(self._inflight)
+            free = min(self.spec.workers - len(self._inflight), self._owed)
             if self.stopping or self._plan is None or free <= 0:
                 return
             self._live += 1
@@ -216,20 +218,21 @@ class Session:
                 exhausted = False
                 if replan and not self.stopping:
                     exhausted = self._plan is None
-                    self._plan = self._replan()
+                    self._plan, self._owed = self._replan()
             return n, exhausted
 
         return self._writer.call(in_writer)
 
-    def _replan(self) -> Plan | None:
-        """Runs still owed, in the experiment's order. Caller holds the mutex."""
+    def _replan(self) -> tuple[Plan | None, int]:
+        """Runs still owed, in the experiment's order, and how many. Caller holds the
+        mutex."""
         rows = self._tally.marks(self._store)
         iterations = self.spec.iterations
         for instance, iteration in [*self._inflight, *self._saving]:  # running, or saving
             pos = self._tally.position.get(instance)
             if pos is not None and iteration < iterations:
                 rows[pos][iteration] = 1
-        return owed(rows, self.spec.order, iterations)
+        return owed(rows, self.spec.order, iterations), sum(row.count(0) for row in rows)
 
     # -- RunSource: what executors call ------------------------------------------------
 

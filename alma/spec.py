@@ -22,19 +22,24 @@ from .errors import ConfigError
 from .executors import ExecutorChoice
 from .runfunc import hash_bytes, load_module_run
 
+#: Upper bounds, far above any real experiment, that keep a typo (2**63 iterations,
+#: a million workers) a clear error instead of a machine brought down.
+MAX_ITERATIONS = 100_000_000
+MAX_WORKERS = 10_000
+MAX_RETRIES = 1_000
 #: The orders runs can go in (see alma.plan).
 ORDERS = ("round-robin", "instance")
 #: Suffix of the default state file, written next to the experiment file.
 STATE_SUFFIX = ".sqlite"
 
 
-def _count(minimum: int) -> Callable[[str | Path, str, Any], int]:
+def _count(minimum: int, maximum: int) -> Callable[[str | Path, str, Any], int]:
     def check(where: str | Path, key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
             raise _fail(
                 where,
                 key,
-                f"expected an integer >= {minimum}, got {value!r}",
+                f"expected an integer from {minimum} to {maximum:,}, got {value!r}",
                 f'Write for example "{key}": {max(minimum, 1)}.',
             )
         return value
@@ -84,10 +89,10 @@ class Options:
     checks. The ``.experiment`` validator, :class:`Spec` and :func:`alma.Experiment`
     all derive from this declaration (docs/experiment.md describes each field)."""
 
-    iterations: int = _option(1, _count(1))
-    workers: int = _option(1, _count(1))
+    iterations: int = _option(1, _count(1, MAX_ITERATIONS))
+    workers: int = _option(1, _count(1, MAX_WORKERS))
     order: str = _option("round-robin", _order)
-    retries: int = _option(0, _count(0))
+    retries: int = _option(0, _count(0, MAX_RETRIES))
     executor: ExecutorChoice = _option(DEFAULT_EXECUTOR, _executor)  # noqa: RUF009 - frozen
     timeout: float | None = _option(None, _timeout)
 
