@@ -18,7 +18,7 @@ import importlib.metadata
 from typing import Any
 
 from ..errors import ConfigError
-from .base import Executor, ExecutorChoice, RunSource, execute, to_json
+from .base import Executor, ExecutorChoice, RunSource, execute
 
 #: The executors alma ships, imported on first use.
 _BUILTIN = {
@@ -117,5 +117,4 @@ __all__ = [
     "names",
     "parse",
     "register",
-    "to_json",
 ]

@@ -9,7 +9,6 @@ JSON conversion behave the same on every executor.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import threading
@@ -23,6 +22,7 @@ from typing import Any, ClassVar, Protocol
 from ..errors import Interrupted
 from ..records import DONE, FAILED, Outcome, Task
 from ..runfunc import Caller
+from ..values import to_json
 
 
 @dataclass(frozen=True)
@@ -129,50 +129,6 @@ class Executor(ABC):
         next ``save_callback``, which raises Interrupted."""
 
 
-def _json_default(obj: Any) -> Any:
-    # numpy (and pandas) scalars and arrays, without importing numpy.
-    if hasattr(obj, "item") and getattr(obj, "shape", None) == ():
-        return obj.item()
-    if hasattr(obj, "to_dict") and hasattr(obj, "index"):  # pandas: keep the labels
-        return obj.to_dict()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj, key=repr)
-    if isinstance(obj, (datetime.date, datetime.time)):  # datetime is a date too
-        return obj.isoformat()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(
-        f"an object of type {type(obj).__module__}.{type(obj).__qualname__} "
-        "cannot be stored as JSON; return or save numbers, strings, lists and "
-        "dicts (numpy and pandas values, dates and paths are converted)"
-    )
-
-
-def to_json(obj: Any, what: str = "result") -> str:
-    """Encode a result or checkpoint; TypeError names where the unstorable value sits."""
-    try:
-        return json.dumps(obj, default=_json_default, separators=(",", ":"))
-    except TypeError as exc:
-        raise TypeError(f"{_unstorable(obj, what)}: {exc}") from None
-
-
-def _unstorable(obj: Any, path: str) -> str:
-    """Path (e.g. ``result['when']``) of the first value JSON cannot store (failure path)."""
-    items: Any = ()
-    if isinstance(obj, dict):
-        items = ((f"{path}[{k!r}]", v) for k, v in obj.items())
-    elif isinstance(obj, (list, tuple)):
-        items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
-    for sub, value in items:
-        try:
-            json.dumps(value, default=_json_default)
-        except TypeError:
-            return _unstorable(value, sub)
-    return path
-
-
 _ALMA_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
@@ -238,4 +194,4 @@ def execute(
         return Outcome(DONE, result, None, None, attempt, time.perf_counter() - start)
 
 
-__all__ = ["Executor", "ExecutorChoice", "Outcome", "RunSource", "Task", "execute", "to_json"]
+__all__ = ["Executor", "ExecutorChoice", "Outcome", "RunSource", "Task", "execute"]
