@@ -28,17 +28,18 @@ from .errors import AlmaError, ConfigError, LockedError, StateError
 EXIT_OK, EXIT_FAILED_RUNS, EXIT_CONFIG, EXIT_STATE, EXIT_LOCKED, EXIT_PAUSED = 0, 1, 2, 3, 4, 130
 
 
-def _load(path: str) -> Any:
+def _load(path: str, readonly: bool = True) -> Any:
+    """The experiment's Dispatcher; read-only (run module not imported) unless it runs."""
     from .experiment import load
 
-    return load(path)
+    return load(path, readonly=readonly)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run (or resume) until every run finished; Ctrl-C/SIGTERM pause cleanly."""
     from tqdm import tqdm
 
-    dispatcher = _load(args.experiment)
+    dispatcher = _load(args.experiment, readonly=False)
     asked = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:

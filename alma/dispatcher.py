@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import AlmaError
+from .errors import AlmaError, ConfigError
 from .executors import executor_class
 from .lock import ExperimentLock
 from .plan import Tally
@@ -99,7 +99,7 @@ class Dispatcher:
                 stacklevel=4,
             )
         previous = self._store.last_session_code()
-        if previous is not None and previous != spec.code_hash:
+        if previous is not None and spec.code_hash and previous != spec.code_hash:
             warnings.warn(
                 f"{spec.name}: the run code changed since the last session "
                 f"({previous} -> {spec.code_hash}); results record which code "
@@ -141,6 +141,11 @@ class Dispatcher:
         Raises LockedError when the experiment runs in another process or kernel.
         Starting a running dispatcher does nothing.
         """
+        if self.spec.run is None:
+            raise ConfigError(
+                f"{self.spec.name} was loaded for reading only (readonly=True): its run "
+                "module was not imported. Load it again without readonly to run it."
+            )
         with self._lifecycle:
             session = self._session
             if session is not None and not session.stopping:

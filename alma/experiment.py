@@ -54,12 +54,16 @@ def _dispatcher(spec: Spec) -> Dispatcher:
         return dispatcher
 
 
-def load(path: str | os.PathLike[str]) -> Dispatcher:
+def load(path: str | os.PathLike[str], *, readonly: bool = False) -> Dispatcher:
     """Load an ``.experiment`` file (its batch and run module) and return its Dispatcher.
 
     Raises ConfigError for a bad experiment, batch or module, StateError for a state
-    file alma cannot use. Nothing is run, locked or written.
+    file alma cannot use. Nothing is run, locked or written. ``readonly=True`` does not
+    import the run module: progress, state, results and reset work (fast, even when the
+    module's imports are slow or missing), start() refuses.
     """
+    if readonly:  # never handed out as the live dispatcher: it cannot run
+        return Dispatcher(read_experiment(path, import_run=False))
     return _dispatcher(read_experiment(path))
 
 

@@ -179,10 +179,11 @@ class Session:
         executors may take long to start (processes, clusters), and progress must stay
         readable meanwhile.
         """
-        choice = self.spec.executor
+        choice, run = self.spec.executor, self.spec.run
         try:
+            assert run is not None, "Dispatcher.start() refuses a read-only experiment"
             executor = executor_class(choice.name)(
-                self.spec.run, workers, self.spec.retries, self.spec.timeout, choice.options
+                run, workers, self.spec.retries, self.spec.timeout, choice.options
             )
             with self._lock:
                 self._executors.append(executor)

@@ -108,7 +108,8 @@ class Spec(Options):
     """A validated experiment: everything the dispatcher needs, nothing it must re-check."""
 
     name: str
-    run: Callable[..., Any] = field(repr=False)
+    #: The run function; None when loaded for reading only.
+    run: Callable[..., Any] | None = field(repr=False)
     #: Instances as listed (globs expanded), and their resolved file paths.
     instances: tuple[str, ...]
     paths: tuple[str, ...] = field(repr=False)
@@ -299,8 +300,12 @@ def check_state_dir(where: str | Path, path: Path) -> Path:
     return path
 
 
-def read_experiment(path: str | os.PathLike[str]) -> Spec:
-    """Read and validate an ``.experiment`` file, its batch and its run module."""
+def read_experiment(path: str | os.PathLike[str], *, import_run: bool = True) -> Spec:
+    """Read and validate an ``.experiment`` file, its batch and its run module.
+
+    ``import_run=False`` leaves the run module unimported (its code is hashed only): for
+    reading results and progress, which must stay fast and work when the module's
+    heavy imports are slow or missing. Such a Spec has ``run`` None and cannot run."""
     exp = Path(path).resolve()
     data = _read_json(exp, "experiment", Path.cwd())
     if "instances" in data and "load" not in data and "batch" not in data:
@@ -333,14 +338,20 @@ def read_experiment(path: str | os.PathLike[str]) -> Spec:
         )
     instances, paths = read_batch(batch, base=exp.parent)
     module = (exp.parent / data["load"]).resolve()
-    run = load_module_run(module, exp)
+    run = load_module_run(module, exp) if import_run else None
     state = _state_path(exp, data.get("state"), exp.with_name(exp.name + STATE_SUFFIX))
+    try:
+        code_hash = hash_bytes(module.read_bytes())
+    except OSError:
+        if import_run:
+            raise
+        code_hash = ""  # reading only: results stay readable without the module
     return Spec(
         name=exp.stem,
         run=run,
         instances=instances,
         paths=paths,
         state_path=state,
-        code_hash=hash_bytes(module.read_bytes()),
+        code_hash=code_hash,
         **options,
     )

@@ -45,8 +45,10 @@ def test_star_import_gives_the_documented_names() -> None:
 def test_experiment_module_keeps_the_seed_entry_point() -> None:
     assert alma.experiment.load is alma.load
     assert callable(alma.Experiment)
-    params = inspect.signature(alma.experiment.load).parameters
-    assert list(params) == ["path"]
+    params = list(inspect.signature(alma.experiment.load).parameters.values())
+    assert [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD] == ["path"]
+    # Anything added since is keyword-only with a default: load(path) means what it did.
+    assert all(p.kind is p.KEYWORD_ONLY and p.default is not p.empty for p in params[1:])
 
 
 def test_dispatcher_has_the_documented_api() -> None:

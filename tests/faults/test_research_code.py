@@ -112,3 +112,28 @@ def test_a_warning_from_the_users_code_keeps_its_category_and_line(
     assert line.startswith("warning: ") and "ConvergenceWarning: did not converge" in line
     assert f"(at {exp.with_suffix('.py')}:" in line
     assert not line.startswith("alma: warning")
+
+
+def test_read_only_commands_do_not_import_the_run_module(
+    make_experiment: ExperimentFactory,
+) -> None:
+    exp = make_experiment(iterations=2)
+    assert alma_cli("run", "-q", exp).returncode == 0
+    module = exp.with_suffix(".py")
+    # The module now imports something slow and something missing (a heavy stack, or
+    # one installed elsewhere): reading the experiment must not care.
+    module.write_text(
+        "import time\ntime.sleep(5)\nimport alma_heavy_missing_lib\n" + module.read_text()
+    )
+    for command in ("status", "results"):
+        t0 = time.monotonic()
+        done = alma_cli(command, exp)
+        assert done.returncode == 0, done.stderr
+        assert time.monotonic() - t0 < 4.5, f"alma {command} imported the run module"
+    with pytest.warns(UserWarning, match="run code changed"):
+        d = alma.experiment.load(exp, readonly=True)
+    assert d.progress.done == 6 and len(d.results) == 6
+    with pytest.raises(alma.ConfigError, match="loaded for reading only"):
+        d.start()
+    done = alma_cli("run", exp)
+    assert done.returncode == 2 and "alma_heavy_missing_lib" in done.stderr
