@@ -69,8 +69,9 @@ class Tally:
         self._version: int | None = None
         self._refreshed_at = -REFRESH_INTERVAL
 
-    def refresh(self, store: Store, force: bool = False) -> None:
-        """Re-read ids and counts from ``store`` if another connection changed it."""
+    def refresh(self, store: Store, force: bool = False, ids: dict[str, int] | None = None) -> None:
+        """Re-read ids and counts from ``store`` if another connection changed it (or
+        ``force``; ``ids``: the instance ids, when the caller has just read them)."""
         now = time.monotonic()
         if not force and now - self._refreshed_at < REFRESH_INTERVAL:
             return
@@ -78,7 +79,8 @@ class Tally:
         version = None if force else store.data_version()
         if version is not None and version == self._version:
             return
-        ids = store.instance_ids()
+        if ids is None:
+            ids = store.instance_ids()
         self.ids = [ids.get(name, -1) for name in self.instances]
         self.position = {i: pos for pos, i in enumerate(self.ids) if i >= 0}
         counts = store.counts(self.iterations)

@@ -105,11 +105,11 @@ class Session:
         """Take the OS lock and the store's writer; raises LockedError or StateError."""
         lock.acquire()
         try:
-            store.open_writer(
+            ids = store.open_writer(
                 list(zip(spec.instances, spec.paths, strict=True)), spec.iterations, spec.code_hash
             )
             with mutex:
-                tally.refresh(store, force=True)
+                tally.refresh(store, force=True, ids=ids)
                 return cls(spec, store, lock, tally, mutex, hooks)
         except BaseException:
             store.close_writer()

@@ -12,6 +12,7 @@ import glob
 import json
 import math
 import os
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -197,6 +198,44 @@ def read_batch(
     return expand_instances(data["instances"], batch.parent, batch)
 
 
+def _spelt(match: str) -> str:
+    """A glob match as its instance name: "./data/a.txt" is "data/a.txt" (as pathlib
+    spells it), without the cost of a Path per file for the common, clean case."""
+    if "/." in "/" + match or "//" in match or os.sep != "/":
+        return Path(match).as_posix()
+    return match
+
+
+class _FileResolver:
+    """Resolved path of a regular file relative to ``base``, or None: what
+    ``Path.resolve()`` gives, at one ``lstat`` per file instead of one per path
+    component (the folders' real paths are cached), so a batch of 100,000 files loads
+    in well under a second."""
+
+    def __init__(self, base: Path) -> None:
+        self._prefix = os.path.join(str(base), "")
+        self._folders: dict[str, str] = {}
+
+    def __call__(self, relative: str) -> str | None:
+        # Plain concatenation: os.path.join costs as much as the lstat here.
+        full = relative if os.path.isabs(relative) else self._prefix + relative
+        try:
+            mode = os.lstat(full).st_mode
+        except (OSError, ValueError):
+            return None
+        if stat.S_ISLNK(mode):  # the file itself is a link: follow it all the way
+            real = os.path.realpath(full)
+            return real if os.path.isfile(real) else None
+        if not stat.S_ISREG(mode):
+            return None
+        folder, _, name = full.rpartition(os.sep)
+        folder = folder or os.sep  # a file at the root
+        real_folder = self._folders.get(folder)
+        if real_folder is None:
+            real_folder = self._folders[folder] = os.path.join(os.path.realpath(folder), "")
+        return real_folder + name
+
+
 def expand_instances(
     entries: Any, base: Path, where: str | Path
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -210,6 +249,7 @@ def expand_instances(
         )
     names: dict[str, str] = {}
     seen: set[str] = set()
+    resolve = _FileResolver(base)
 
     def add(name: str, path: str) -> None:
         try:  # a name the file system gave in another encoding cannot be stored
@@ -237,27 +277,31 @@ def expand_instances(
                 "Each entry is a file path or a glob pattern, as a string.",
             )
         if glob.has_magic(entry):
-            matches = sorted(glob.glob(entry, root_dir=base, recursive=True))
-            matches = [m for m in matches if (base / m).is_file()]
-            if not matches:
+            found = [
+                (_spelt(m), real)
+                for m in sorted(glob.glob(entry, root_dir=base, recursive=True))
+                if (real := resolve(m)) is not None
+            ]
+            if not found:
                 raise _fail(
                     where,
                     "instances",
                     f"pattern {entry!r} matches no file in {base}",
                     "Fix the pattern or remove it.",
                 )
-            for m in matches:
-                add(Path(m).as_posix(), str((base / m).resolve()))
+            for name, real in found:
+                add(name, real)
         else:
-            full = base / entry
-            if not full.is_file():
+            real = resolve(entry)
+            if real is None:
+                full = os.path.normpath(base / entry)
                 raise _fail(
                     where,
                     "instances",
-                    f"entry {i}, {entry!r}, is not a file (looked for {os.path.normpath(full)})",
+                    f"entry {i}, {entry!r}, is not a file (looked for {full})",
                     "Fix the path or remove the entry.",
                 )
-            add(entry, str(full.resolve()))
+            add(entry, real)
     if not names:
         raise _fail(where, "instances", "the list is empty", "List at least one file.")
     return tuple(names), tuple(names.values())

@@ -252,7 +252,7 @@ class Store:
     ) -> dict[str, int]:
         """Open (creating if new) for writing; register instances and this session.
 
-        Returns the id of every instance name given, in the given order.
+        Returns the id of every instance the state knows (those given included).
         """
         self.validate()
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -272,13 +272,16 @@ class Store:
                     "INSERT INTO meta VALUES (?, ?)",
                     [("experiment", self.experiment), ("created", str(time.time()))],
                 )
-            db.executemany("INSERT OR IGNORE INTO instances (name, path) VALUES (?, ?)", instances)
+            ids = dict(db.execute("SELECT name, id FROM instances"))
+            new = [(name, path) for name, path in instances if name not in ids]
+            if new:  # a resumed experiment usually has none: no 100,000-row insert
+                db.executemany("INSERT INTO instances (name, path) VALUES (?, ?)", new)
+                ids = dict(db.execute("SELECT name, id FROM instances"))
             db.execute(
                 "INSERT INTO sessions (started, pid, host, code, iterations, instances)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (time.time(), os.getpid(), socket.gethostname(), code, iterations, len(instances)),
             )
-            ids = dict(db.execute("SELECT name, id FROM instances"))
             db.execute("COMMIT")
         except BaseException:
             db.close()
@@ -286,7 +289,7 @@ class Store:
         self._writer = db
         st = os.stat(self.path)
         self._identity = (st.st_dev, st.st_ino)
-        return {name: ids[name] for name, _ in instances}
+        return ids
 
     def write(
         self,
