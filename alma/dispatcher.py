@@ -154,7 +154,12 @@ class Dispatcher:
                 if self.finished:  # nothing owed: no session, no lock, no write
                     return
                 session = self._open_session()
-            workers = session.resume()
+            try:
+                workers = session.resume()
+            except BaseException:  # e.g. MemoryError: never leave it open and locked
+                if not session.live_executors:
+                    self._close_session()
+                raise
             if workers is None:
                 self._close_session()
                 return

@@ -22,30 +22,59 @@ Plan = Iterator[tuple[int, int]]
 
 
 def owed(marks: list[bytearray], order: str, iterations: int) -> Plan | None:
-    """Runs whose mark is 0, in the experiment's ``order``; None when nothing is owed."""
-    if all(row.find(0) < 0 for row in marks):
+    """Runs whose mark is 0, in the experiment's ``order``; None when nothing is owed.
+
+    A row of ``marks`` may end before ``iterations``: what lies beyond is owed. Rows are
+    only as long as the last finished iteration, so a plan of a billion iterations
+    costs nothing until runs finish."""
+    if owed_count(marks, iterations) == 0:
         return None
-    return _round_robin(marks, iterations) if order == "round-robin" else _by_instance(marks)
+    return (
+        _round_robin(marks, iterations)
+        if order == "round-robin"
+        else _by_instance(marks, iterations)
+    )
+
+
+def owed_count(marks: list[bytearray], iterations: int) -> int:
+    """How many runs ``marks`` leaves owed."""
+    return sum(iterations - len(row) + row.count(0) for row in marks)
+
+
+def mark(marks: list[bytearray], pos: int, iteration: int) -> None:
+    """Mark one run as taken (running or being saved), growing its row if needed."""
+    row = marks[pos]
+    if iteration >= len(row):
+        row.extend(bytes(iteration + 1 - len(row)))
+    row[iteration] = 1
+
+
+def _last_owed(row: bytearray, iterations: int) -> int:
+    return iterations - 1 if len(row) < iterations else row.rfind(0)
 
 
 def _round_robin(rows: list[bytearray], iterations: int) -> Plan:
     """Iteration 0 of every instance, then iteration 1, …: partial results cover all."""
-    last = [row.rfind(0) for row in rows]
+    last = [_last_owed(row, iterations) for row in rows]
     active = [pos for pos, end in enumerate(last) if end >= 0]
     for it in range(iterations):
         active = [pos for pos in active if last[pos] >= it]
+        if not active:
+            return
         for pos in active:
-            if not rows[pos][it]:
+            row = rows[pos]
+            if it >= len(row) or not row[it]:
                 yield pos, it
 
 
-def _by_instance(rows: list[bytearray]) -> Plan:
+def _by_instance(rows: list[bytearray], iterations: int) -> Plan:
     """Every iteration of the first instance, then the next instance."""
     for pos, row in enumerate(rows):
         it = row.find(0)
         while it >= 0:
             yield pos, it
             it = row.find(0, it + 1)
+        yield from ((pos, it) for it in range(len(row), iterations))
 
 
 class Tally:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from .errors import AlmaError, Interrupted, StateError
 from .executors import Executor, executor_class
 from .lock import ExperimentLock
-from .plan import Plan, Tally, owed
+from .plan import Plan, Tally, mark, owed, owed_count
 from .records import FAILED, CheckpointRecord, Outcome, RunError, RunKey, RunRecord, Task
 from .spec import Spec
 from .store import Store
@@ -232,8 +232,8 @@ class Session:
         for instance, iteration in [*self._inflight, *self._saving]:  # running, or saving
             pos = self._tally.position.get(instance)
             if pos is not None and iteration < iterations:
-                rows[pos][iteration] = 1
-        return owed(rows, self.spec.order, iterations), sum(row.count(0) for row in rows)
+                mark(rows, pos, iteration)
+        return owed(rows, self.spec.order, iterations), owed_count(rows, iterations)
 
     # -- RunSource: what executors call ------------------------------------------------
 

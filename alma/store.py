@@ -183,19 +183,21 @@ class Store:
             return {inst: Counts(done, failed) for inst, done, failed in rows}
 
     def finished_marks(self, ids: Sequence[int], iterations: int) -> dict[int, bytearray]:
-        """Per instance id, a bytearray with 1 at every finished iteration (done or failed)."""
-        marks = {i: bytearray(iterations) for i in ids}
+        """Per instance id, 1 at every finished iteration (done or failed) below
+        ``iterations``; each bytearray ends at the last finished one (see alma.plan), so
+        memory follows the runs finished, not the runs planned."""
+        marks = {i: bytearray() for i in ids}
         if not self.exists():
             return marks
         with self._reading() as db:
             rows = db.execute(
-                "SELECT instance, group_concat(iteration) FROM runs "
+                "SELECT instance, max(iteration), group_concat(iteration) FROM runs "
                 "WHERE iteration < ? GROUP BY instance",
                 (iterations,),
             )
-            for inst, its in rows:
-                mark = marks.get(inst)
-                if mark is not None:
+            for inst, last, its in rows:
+                if inst in marks:
+                    mark = marks[inst] = bytearray(last + 1)
                     for it in map(int, its.split(",")):
                         mark[it] = 1
         return marks
