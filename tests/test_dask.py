@@ -465,3 +465,26 @@ def test_stop_cancels_unstarted_runs_and_keeps_finishing_ones(
     r = d.results
     assert len(r) == 2 and (r["result"] == "finished").all()
     assert d.progress.pending == 4
+
+
+def test_a_local_cluster_takes_localcluster_options(
+    make_experiment: ExperimentFactory, dispatchers: list[Any]
+) -> None:
+    """{"dask": {...}}: LocalCluster keyword arguments, on top of alma's defaults."""
+    exp = make_experiment(
+        "import os\n\ndef run(instance, save_callback, state):\n"
+        "    return {'omp': os.environ.get('OMP_NUM_THREADS')}\n",
+        instances=2,
+        iterations=2,
+        workers=2,
+        executor={"dask": {"memory_limit": "512MiB", "env": {"ALMA_FROM_OPTIONS": "1"}}},
+    )
+    d = alma.experiment.load(exp)
+    dispatchers.append(d)
+    d.start()
+    assert d.join(timeout=120)
+    r = d.results
+    assert (r["status"] == "done").all() and len(r) == 4
+    assert set(r["omp"]) == {"1"}  # Dask's workers use one BLAS/OpenMP thread each
+    with pytest.raises(alma.ConfigError, match=r"'executor'.*keyword names"):
+        alma.Experiment(run=len, instances=[str(exp)], executor={"dask": {"not a name": 1}})

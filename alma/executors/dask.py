@@ -109,13 +109,23 @@ def _distributed() -> Any:
 class DaskExecutor(Executor):
     """Submits runs to a Dask cluster, ``2 × workers`` at a time."""
 
-    usage = '"dask" (a local cluster) or {"dask": "tcp://host:8786"} (a running scheduler)'
+    usage = (
+        '"dask" (a local cluster), {"dask": {"memory_limit": "4GB", ...}} (a local cluster '
+        'with LocalCluster options) or {"dask": "tcp://host:8786"} (a running scheduler)'
+    )
 
     @classmethod
     def parse_options(cls, options: Any) -> Any:
-        """None (a local cluster) or a scheduler's address; Dask must be installed."""
-        if options is not None and (not isinstance(options, str) or not options):
-            raise ValueError("a Dask scheduler is given by its address")
+        """None (a local cluster), a dict of LocalCluster keyword arguments, or a
+        scheduler's address; Dask must be installed."""
+        if isinstance(options, dict):
+            bad = [k for k in options if not isinstance(k, str) or not k.isidentifier()]
+            if bad:
+                raise ValueError(f"LocalCluster options are keyword names, got {bad!r}")
+        elif options is not None and (not isinstance(options, str) or not options):
+            raise ValueError(
+                "a Dask scheduler is given by its address, a local cluster's options as an object"
+            )
         if importlib.util.find_spec("distributed") is None:
             raise ConfigError(
                 'executor "dask" needs Dask distributed, which is not installed. ' + _INSTALL_HINT
@@ -139,7 +149,7 @@ class DaskExecutor(Executor):
         distributed = _distributed()
         # Pickling problems surface here, in start().
         payload = ship(self.run, "dask", "Dask workers", remote=True)
-        if self.options is not None:
+        if isinstance(self.options, str):
             self._client = self._connect(distributed, self.options)
         self._thread = threading.Thread(
             target=self._drive, args=(source, distributed, payload), name="alma-dask", daemon=True
@@ -177,7 +187,7 @@ class DaskExecutor(Executor):
         """
         if not DIRECT_CHECKPOINTS:
             return None
-        if self.options is None:
+        if not isinstance(self.options, str):  # a local cluster
             return "127.0.0.1"
         address = str(self.options)
         if not address.startswith("tcp://"):
@@ -191,14 +201,17 @@ class DaskExecutor(Executor):
             return None
 
     def _local_cluster(self, distributed: Any) -> Any:
-        """A LocalCluster of ``workers`` single-threaded worker processes (no GIL sharing)."""
-        self._cluster = distributed.LocalCluster(
-            n_workers=self.workers,
-            threads_per_worker=1,
-            processes=True,
+        """A LocalCluster of ``workers`` single-threaded worker processes (no GIL sharing),
+        with the experiment's LocalCluster options on top."""
+        options = {
+            "n_workers": self.workers,
+            "threads_per_worker": 1,
+            "processes": True,
             # Loopback only: the dashboard serves worker pages without authentication.
-            dashboard_address="127.0.0.1:0",
-        )
+            "dashboard_address": "127.0.0.1:0",
+        }
+        options.update(self.options if isinstance(self.options, dict) else {})
+        self._cluster = distributed.LocalCluster(**options)
         return distributed.Client(self._cluster, set_as_default=False)
 
     # -- the driver --------------------------------------------------------------------
