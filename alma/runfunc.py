@@ -237,6 +237,26 @@ def ship(run: Callable[..., Any], executor: str, destination: str, *, remote: bo
                 cloudpickle.unregister_pickle_by_value(module)
 
 
+def neighbours(run: Callable[..., Any]) -> list[Path]:
+    """Files of the modules imported from the run module's own folder (``from featlib
+    import x`` next to it): what workers on other machines need besides the run module.
+    """
+    module = sys.modules.get(getattr(run, "__module__", "") or "")
+    file = getattr(module, "__file__", None)
+    if not file or not getattr(module, "__name__", "").startswith(MODULE_PREFIX):
+        return []
+    folder = Path(file).resolve().parent
+    found = set()
+    for other in list(sys.modules.values()):
+        path = getattr(other, "__file__", None)
+        if other is module or not path or not path.endswith(".py"):
+            continue
+        resolved = Path(path).resolve()
+        if resolved.parent == folder:
+            found.add(resolved)
+    return sorted(found)
+
+
 def unship(shipped: ShippedRun) -> Callable[..., Any]:
     """Inverse of :func:`ship`, in the worker."""
     if shipped.pickled is not None:
@@ -271,6 +291,7 @@ __all__ = [
     "hash_bytes",
     "load_module_run",
     "make_caller",
+    "neighbours",
     "ship",
     "unship",
 ]

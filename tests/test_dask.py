@@ -488,3 +488,26 @@ def test_a_local_cluster_takes_localcluster_options(
     assert set(r["omp"]) == {"1"}  # Dask's workers use one BLAS/OpenMP thread each
     with pytest.raises(alma.ConfigError, match=r"'executor'.*keyword names"):
         alma.Experiment(run=len, instances=[str(exp)], executor={"dask": {"not a name": 1}})
+
+
+@pytest.mark.slow
+def test_a_run_module_importing_its_neighbour_runs_on_an_external_cluster(
+    make_experiment: ExperimentFactory, dispatchers: list[Any], cluster: Cluster
+) -> None:
+    """The workers run in another folder: the neighbour module travels to them."""
+    exp = make_experiment(
+        "from featlib_ext import weight\n\ndef run(instance, save_callback, state):\n"
+        "    return {'w': weight(instance)}\n",
+        instances=3,
+        iterations=2,
+        workers=2,
+        executor={"dask": cluster.address},
+    )
+    (exp.parent / "featlib_ext.py").write_text("def weight(path):\n    return 7\n")
+    d = alma.experiment.load(exp)
+    dispatchers.append(d)
+    d.start()
+    assert d.join(timeout=120)
+    r = d.results
+    assert (r["status"] == "done").all(), r["error"].tolist()
+    assert r["w"].tolist() == [7] * 6

@@ -56,7 +56,7 @@ from typing import Any
 
 from ..errors import AlmaError, ConfigError, Interrupted
 from ..records import FAILED, Outcome, RunKey, Task
-from ..runfunc import ShippedRun, make_caller, ship, unship
+from ..runfunc import ShippedRun, make_caller, neighbours, ship, unship
 from .base import Executor, RunSource, execute
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ class DaskExecutor(Executor):
         payload = ship(self.run, "dask", "Dask workers", remote=True)
         if isinstance(self.options, str):
             self._client = self._connect(distributed, self.options)
+            self._upload_neighbours()
         self._thread = threading.Thread(
             target=self._drive, args=(source, distributed, payload), name="alma-dask", daemon=True
         )
@@ -177,6 +178,20 @@ class DaskExecutor(Executor):
                 '"executor" field and that `dask scheduler` runs there and is reachable '
                 'from this machine; or use "executor": "dask" for a local cluster.'
             ) from exc
+
+    def _upload_neighbours(self) -> None:
+        """Send the modules the run module imports from its own folder to the workers
+        (which may be on machines without that folder); workers that join later get
+        them too. A local cluster needs none of this: its workers share this sys.path."""
+        for path in neighbours(self.run):
+            try:
+                self._client.upload_file(str(path), load=True)
+            except Exception as exc:
+                raise AlmaError(
+                    f"cannot send {path} (imported by the run module) to the Dask "
+                    f"workers ({type(exc).__name__}: {exc}). Install it where the workers "
+                    "run, or move what run() needs into the run module."
+                ) from exc
 
     def _direct_host(self) -> str | None:
         """The address of this machine that the workers can reach, or None.
