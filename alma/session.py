@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from .errors import AlmaError, Interrupted, StateError
 from .executors import Executor, executor_class
 from .lock import ExperimentLock
-from .plan import Plan, Tally, mark, owed, owed_count
+from .plan import Plan, Tally, mark, owed_count, plan
 from .records import FAILED, CheckpointRecord, Outcome, RunError, RunKey, RunRecord, Task
 from .spec import Spec
 from .store import Store
@@ -233,7 +233,8 @@ class Session:
             pos = self._tally.position.get(instance)
             if pos is not None and iteration < iterations:
                 mark(rows, pos, iteration)
-        return owed(rows, self.spec.order, iterations), owed_count(rows, iterations)
+        count = owed_count(rows, iterations)
+        return (plan(rows, self.spec.order, iterations) if count else None), count
 
     # -- RunSource: what executors call ------------------------------------------------
 

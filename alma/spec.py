@@ -212,8 +212,9 @@ class _FileResolver:
     component (the folders' real paths are cached), so a batch of 100,000 files loads
     in well under a second."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, where: str | Path) -> None:
         self._prefix = os.path.join(str(base), "")
+        self._where = where
         self._folders: dict[str, str] = {}
 
     def __call__(self, relative: str) -> str | None:
@@ -225,7 +226,7 @@ class _FileResolver:
             return None
         if stat.S_ISLNK(mode):  # the file itself is a link: follow it all the way
             real = os.path.realpath(full)
-            return real if os.path.isfile(real) else None
+            return self._stored(real) if os.path.isfile(real) else None
         if not stat.S_ISREG(mode):
             return None
         folder, _, name = full.rpartition(os.sep)
@@ -233,7 +234,20 @@ class _FileResolver:
         real_folder = self._folders.get(folder)
         if real_folder is None:
             real_folder = self._folders[folder] = os.path.join(os.path.realpath(folder), "")
-        return real_folder + name
+        return self._stored(real_folder + name)
+
+    def _stored(self, path: str) -> str:
+        """``path``, once sure it can be stored: names are UTF-8 text in the state."""
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:  # the file system gave a name in another encoding
+            raise _fail(
+                self._where,
+                "instances",
+                f"the file name {os.fsencode(path)!r} is not valid UTF-8",
+                "Rename the file (alma stores names as UTF-8 text).",
+            ) from None
+        return path
 
 
 def expand_instances(
@@ -249,18 +263,9 @@ def expand_instances(
         )
     names: dict[str, str] = {}
     seen: set[str] = set()
-    resolve = _FileResolver(base)
+    resolve = _FileResolver(base, where)
 
     def add(name: str, path: str) -> None:
-        try:  # a name the file system gave in another encoding cannot be stored
-            path.encode("utf-8")
-        except UnicodeEncodeError:
-            raise _fail(
-                where,
-                "instances",
-                f"the file name {os.fsencode(path)!r} is not valid UTF-8",
-                "Rename the file (alma stores names as UTF-8 text).",
-            ) from None
         # A file is one instance however it is spelt ("a.txt", "./a.txt", a glob).
         if path not in seen:
             seen.add(path)

@@ -220,19 +220,6 @@ class Store:
 
     def results_frame(self) -> pd.DataFrame:
         """One row per finished run; a dict result becomes one column per key."""
-        import pandas as pd
-
-        columns = [
-            "instance",
-            "iteration",
-            "status",
-            "error",
-            "duration",
-            "attempts",
-            "finished",
-            "code",
-            "traceback",
-        ]
         rows: list[Any] = []
         if self.exists():
             with self._reading() as db:
@@ -241,11 +228,7 @@ class Store:
                     " r.finished, r.code, r.traceback, r.result FROM runs r "
                     "JOIN instances i ON i.id = r.instance ORDER BY r.instance, r.iteration"
                 ).fetchall()
-        cols = list(zip(*rows, strict=True)) if rows else [()] * (len(columns) + 1)
-        frame = pd.DataFrame(dict(zip(columns, cols, strict=False)))
-        frame["finished"] = pd.to_datetime(frame["finished"], unit="s", utc=True)
-        values = _decode_results(cols[-1], frame)
-        return _expand_results(frame, values)
+        return _results_frame(rows)
 
     # -- writing (the dispatcher's side only) ------------------------------------------
 
@@ -277,8 +260,14 @@ class Store:
             ids = dict(db.execute("SELECT name, id FROM instances"))
             new = [(name, path) for name, path in instances if name not in ids]
             if new:  # a resumed experiment usually has none: no 100,000-row insert
+                last = db.execute("SELECT coalesce(max(id), 0) FROM instances").fetchone()[0]
                 db.executemany("INSERT INTO instances (name, path) VALUES (?, ?)", new)
-                ids = dict(db.execute("SELECT name, id FROM instances"))
+                # Under this write lock SQLite gives each new row max(id) + 1: the ids are
+                # known without reading 100,000 rows back (checked, else read back).
+                if db.execute("SELECT max(id) FROM instances").fetchone()[0] == last + len(new):
+                    ids.update((name, last + 1 + i) for i, (name, _) in enumerate(new))
+                else:
+                    ids = dict(db.execute("SELECT name, id FROM instances"))
             db.execute(
                 "INSERT INTO sessions (started, pid, host, code, iterations, instances)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -330,19 +319,13 @@ class Store:
         unseen: the open connection writes on into the old file. One ``stat`` per group
         commit (every few milliseconds at most) notices it.
         """
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            what = "was deleted (or moved away)"
-        else:
-            if (st.st_dev, st.st_ino) == self._identity:
-                return
-            what = "was replaced by another file"
-        raise StateError(
-            f"State file {self.path} {what} while this session was writing to it; the "
-            "session stopped. Runs it committed before went with the old file. Put the "
-            "file back (or let alma start a new one), then run the experiment again."
-        )
+        what = _moved_away(self.path, self._identity)
+        if what is not None:
+            raise StateError(
+                f"State file {self.path} {what} while this session was writing to it; the "
+                "session stopped. Runs it committed before went with the old file. Put the "
+                "file back (or let alma start a new one), then run the experiment again."
+            )
 
     def delete_runs(self, failed_only: bool) -> int:
         """Forget finished runs (all, or only the failed ones) so they are owed again."""
@@ -386,6 +369,16 @@ class Store:
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None
+
+
+def _moved_away(path: Path, identity: tuple[int, int] | None) -> str | None:
+    """What happened to the file opened as ``identity`` (device, inode), if it is no
+    longer the one at ``path``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "was deleted (or moved away)"
+    return None if (st.st_dev, st.st_ino) == identity else "was replaced by another file"
 
 
 @functools.cache
@@ -432,6 +425,30 @@ class _Reading:
             and any(w in str(exc) for w in ("locked", "busy"))
         ):
             raise self.store._refuse(f"unreadable or corrupt ({exc})") from None
+
+
+#: The columns of results_frame before the result's own (see docs/experiment.md).
+RESULT_COLUMNS = (
+    "instance",
+    "iteration",
+    "status",
+    "error",
+    "duration",
+    "attempts",
+    "finished",
+    "code",
+    "traceback",
+)
+
+
+def _results_frame(rows: list[Any]) -> pd.DataFrame:
+    """The results frame of rows read as RESULT_COLUMNS + (result JSON,)."""
+    import pandas as pd
+
+    cols = list(zip(*rows, strict=True)) if rows else [()] * (len(RESULT_COLUMNS) + 1)
+    frame = pd.DataFrame(dict(zip(RESULT_COLUMNS, cols, strict=False)))
+    frame["finished"] = pd.to_datetime(frame["finished"], unit="s", utc=True)
+    return _expand_results(frame, _decode_results(cols[-1], frame))
 
 
 def _decode_results(texts: Sequence[str | None], frame: pd.DataFrame) -> list[Any]:
