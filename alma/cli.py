@@ -206,9 +206,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="alma",
         description="Plan, run, pause and resume file-based experiments.",
-        epilog="Exit codes: 0 ok, 1 some runs failed, 2 bad usage or config, 3 unusable "
-        "state file, 4 already running elsewhere, 130 paused by Ctrl-C/SIGTERM.",
+        epilog="Exit codes: 0 ok, 1 some runs failed (or an executor failed), 2 bad usage or "
+        "config, 3 unusable state file (or it could not be written), 4 already running "
+        "elsewhere, 130 paused by Ctrl-C/SIGTERM.",
     )
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"alma {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run or resume an experiment, with a progress bar")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -277,3 +277,8 @@ def test_help_documents_the_exit_codes() -> None:
     text = " ".join(out.stdout.split())
     for code in ("0 ok", "1 some runs failed", "2 bad usage", "3 unusable", "4 already", "130"):
         assert code in text
+
+
+def test_version() -> None:
+    out = alma_cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"alma {alma.__version__}"
