@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from .dispatcher import Dispatcher, Progress
-from .errors import AlmaError, ConfigError, Interrupted, LockedError, StateError
+from .errors import AlmaError, ConfigError, Interrupted, LockedError, Paused, StateError
 from .experiment import Experiment, load
 from .records import RunError
 
@@ -22,6 +22,7 @@ __all__ = [
     "Experiment",
     "Interrupted",
     "LockedError",
+    "Paused",
     "Progress",
     "RunError",
     "StateError",

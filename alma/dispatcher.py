@@ -15,12 +15,13 @@ frozen snapshot, on their own timer, so a broken UI cannot break a run.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import AlmaError, ConfigError
+from .errors import AlmaError, ConfigError, Paused
 from .executors import executor_class
 from .lock import ExperimentLock
 from .plan import Tally
@@ -195,8 +196,25 @@ class Dispatcher:
         """Wait until the session has ended; True when it has and every run has finished.
 
         The session has ended once its executors have cleaned up, the last commit is in,
-        the state file is whole on its own (no -wal needed) and the lock is released."""
-        return self._idle.wait(timeout) and self.finished
+        the state file is whole on its own (no -wal needed) and the lock is released.
+
+        Interrupted (Ctrl-C, the kernel's interrupt button), it pauses the experiment as
+        stop() does, then raises :class:`alma.Paused`; interrupted again while runs wind
+        down, it raises at once and they end in the background."""
+        try:
+            return self._idle.wait(timeout) and self.finished
+        except KeyboardInterrupt:
+            pass  # not inside the handler: the Paused below must not chain the traceback
+        stopped = False
+        with contextlib.suppress(KeyboardInterrupt):
+            self.stop()
+            stopped = True
+        p = self.progress
+        how = "paused" if stopped else "pausing (runs in flight end in the background)"
+        raise Paused(
+            f"alma: {self.spec.name} {how}: {p.done} of {p.total} runs done, {p.failed} "
+            "failed. start() continues."
+        )
 
     @property
     def halted(self) -> AlmaError | None:

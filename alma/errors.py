@@ -8,6 +8,8 @@
     └── LockedError           the experiment is already running in another process/kernel
 
     Interrupted (BaseException)   raised inside run() by save_callback once stop() was asked
+    Paused (KeyboardInterrupt)    join() was interrupted (Ctrl-C, the kernel's stop button):
+                                  the experiment paused first
 
 ``Interrupted`` derives from ``BaseException`` (like ``KeyboardInterrupt``) so that a
 ``try: ... except Exception:`` inside a user's run function does not swallow a pause.
@@ -15,7 +17,7 @@
 
 from __future__ import annotations
 
-__all__ = ["AlmaError", "ConfigError", "Interrupted", "LockedError", "StateError"]
+__all__ = ["AlmaError", "ConfigError", "Interrupted", "LockedError", "Paused", "StateError"]
 
 
 class AlmaError(Exception):
@@ -49,3 +51,10 @@ class Interrupted(BaseException):
     It aborts the run cooperatively; the run is owed again and resumes from the
     checkpoint just saved.
     """
+
+
+class Paused(KeyboardInterrupt):
+    """``join()`` was interrupted (Ctrl-C, or the kernel's interrupt button) and paused the
+    experiment before raising: nothing goes on in the background, and ``start()``
+    continues. A KeyboardInterrupt, so a script still stops; in a notebook with alma's
+    extension or controller loaded, it prints as its one-line message."""

@@ -345,3 +345,34 @@ def test_notebooks_are_stored_without_outputs(name: str) -> None:
     assert code
     assert all(c.outputs == [] and c.execution_count is None for c in code)
     assert "widgets" not in nb.metadata  # no saved widget state either
+
+
+def test_interrupting_join_in_a_kernel_pauses_with_one_line(tmp_path: Path, kernel: Kernel) -> None:
+    """The kernel's interrupt button during ``d.start(); d.join()``: the experiment
+    pauses (nothing runs on in the background), the cell shows one line, no traceback."""
+    exp = write_experiment(tmp_path, instances=4, iterations=20, sleep=0.05)
+    kernel.run(f"import alma.experiment\nd = alma.experiment.load({str(exp)!r})\nd")
+    msg_id = kernel.kc.execute("d.start(); d.join()")
+    wait_for(lambda: persisted(exp)[0] >= 4, timeout=60)
+    kernel.km.interrupt_kernel()
+    deadline = time.monotonic() + 60
+    while True:
+        assert time.monotonic() < deadline, "the interrupted cell did not end"
+        msg = kernel.kc.get_iopub_msg(timeout=60)
+        kernel.iopub.append(msg)
+        if (
+            msg["parent_header"].get("msg_id") == msg_id
+            and msg["msg_type"] == "status"
+            and msg["content"]["execution_state"] == "idle"
+        ):
+            break
+    mine = [m for m in kernel.iopub if m["parent_header"].get("msg_id") == msg_id]
+    assert not [m for m in mine if m["msg_type"] == "error"], "a traceback was shown"
+    text = kernel.stdout(msg_id)
+    assert "alma: slow paused:" in text and "start() continues" in text
+    assert text.count("\n") == 1  # one line
+    # Not running means the session has ended: no executor is left to run anything.
+    state = kernel.eval("[d.running, d.status, d.progress.done]")
+    assert state[0] is False and state[1] == "paused" and 4 <= state[2] < 80
+    kernel.run("d.start(); assert d.join(timeout=120)", timeout=150)
+    assert persisted(exp)[0] == 80

@@ -37,6 +37,7 @@ import ipywidgets as widgets
 from tqdm.notebook import tqdm as tqdm_notebook
 
 from .registry import open_controllers, register, touch, unregister
+from .shell import quiet_pauses
 
 if TYPE_CHECKING:
     from ..dispatcher import Dispatcher, Progress
@@ -644,6 +645,7 @@ def _install_cell_hook() -> None:
         return
     _hooked.add(id(shell))
     shell.events.register("post_run_cell", _after_cell)
+    quiet_pauses(shell)
 
 
 def _after_cell(*_args: Any) -> None:

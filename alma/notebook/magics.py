@@ -209,4 +209,7 @@ def _summary(d: Dispatcher) -> str:
 
 def load_ipython_extension(ipython: Any) -> None:
     """Register ``%alma`` (called by ``%load_ext alma``)."""
+    from .shell import quiet_pauses
+
     ipython.register_magics(AlmaMagics)
+    quiet_pauses(ipython)
