@@ -88,25 +88,7 @@ class Dispatcher:
         self.last_error: RunError | None = None
         self._halted: AlmaError | None = None
         self._tally.refresh(self._store, force=True)
-        self._warn_at_load()
-
-    def _warn_at_load(self) -> None:
-        spec = self.spec
-        name = spec.executor.name
-        if spec.timeout is not None and not executor_class(name).enforces_timeout:
-            warnings.warn(
-                f'{spec.name}: "timeout": {spec.timeout:g} is not enforced by the {name} '
-                'executor; use "executor": "processes" to enforce it.',
-                stacklevel=4,
-            )
-        previous = self._store.last_session_code()
-        if previous is not None and spec.code_hash and previous != spec.code_hash:
-            warnings.warn(
-                f"{spec.name}: the run code changed since the last session "
-                f"({previous} -> {spec.code_hash}); results record which code "
-                "produced each run in their 'code' column.",
-                stacklevel=4,
-            )
+        _warn_at_load(spec, self._store)
 
     # -- public API ------------------------------------------------------------------
 
@@ -369,3 +351,22 @@ class Dispatcher:
 
     def _record_error(self, error: RunError) -> None:
         self.last_error = error
+
+
+def _warn_at_load(spec: Spec, store: Store) -> None:
+    """What a user should know before starting: an unenforceable timeout, changed code."""
+    name = spec.executor.name
+    if spec.timeout is not None and not executor_class(name).enforces_timeout:
+        warnings.warn(
+            f'{spec.name}: "timeout": {spec.timeout:g} is not enforced by the {name} '
+            'executor; use "executor": "processes" to enforce it.',
+            stacklevel=4,
+        )
+    previous = store.last_session_code()
+    if previous is not None and spec.code_hash and previous != spec.code_hash:
+        warnings.warn(
+            f"{spec.name}: the run code changed since the last session "
+            f"({previous} -> {spec.code_hash}); results record which code "
+            "produced each run in their 'code' column.",
+            stacklevel=4,
+        )
