@@ -21,19 +21,12 @@ REFRESH_INTERVAL = 0.5
 Plan = Iterator[tuple[int, int]]
 
 
-def owed(marks: list[bytearray], order: str, iterations: int) -> Plan | None:
-    """Runs whose mark is 0, in the experiment's ``order``; None when nothing is owed.
+def plan(marks: list[bytearray], order: str, iterations: int) -> Plan:
+    """The runs whose mark is 0, in the experiment's ``order``.
 
     A row of ``marks`` may end before ``iterations``: what lies beyond is owed. Rows are
     only as long as the last finished iteration, so a plan of a billion iterations
     costs nothing until runs finish."""
-    if owed_count(marks, iterations) == 0:
-        return None
-    return plan(marks, order, iterations)
-
-
-def plan(marks: list[bytearray], order: str, iterations: int) -> Plan:
-    """The runs ``marks`` leaves owed, in the experiment's ``order`` (see :func:`owed`)."""
     if order == "round-robin":
         return _round_robin(marks, iterations)
     return _by_instance(marks, iterations)

@@ -17,6 +17,10 @@ from typing import Any
 MAX_DEPTH = 200
 
 
+class _PlacedError(TypeError):
+    """A TypeError whose message already names the path of the bad value."""
+
+
 def _json_default(obj: Any) -> Any:
     kind = type(obj).__name__
     if kind == "datetime64":  # numpy: any unit becomes ISO text (NaT: null)
@@ -62,14 +66,14 @@ def _normalised(obj: Any, path: str, depth: int) -> Any:
     """``obj`` with every dict key made a string; raises TypeError naming the path of a
     key collision or of nesting deeper than MAX_DEPTH."""
     if depth > MAX_DEPTH:
-        raise TypeError(f"{path}: nested deeper than {MAX_DEPTH} levels")
+        raise _PlacedError(f"{path}: nested deeper than {MAX_DEPTH} levels")
     if isinstance(obj, dict):
         out: dict[str, Any] = {}
         origin: dict[str, Any] = {}
         for key, value in obj.items():
             text = key_text(key)
             if text in out:
-                raise TypeError(
+                raise _PlacedError(
                     f"{path}: the keys {origin[text]!r} and {key!r} are both stored as "
                     f"{text!r}; one would be lost"
                 )
@@ -101,9 +105,9 @@ def to_json(obj: Any, what: str = "result") -> str:
         if not _plain(obj):
             obj = _normalised(obj, what, 0)
         return json.dumps(obj, default=_json_default, separators=(",", ":"))
+    except _PlacedError:
+        raise
     except TypeError as exc:
-        if str(exc).startswith(what):  # already names the place
-            raise
         raise TypeError(f"{_unstorable(obj, what)}: {exc}") from None
 
 

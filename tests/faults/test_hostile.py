@@ -48,28 +48,19 @@ def test_a_state_file_with_foreign_schema_objects_is_refused_untouched(
     assert _state(exp).read_bytes() == before  # nothing written, nothing fired
 
 
-def test_a_planted_lock_symlink_is_not_followed(
-    make_experiment: ExperimentFactory, tmp_path: Path
+@pytest.mark.parametrize(
+    ("plant", "message"),
+    [("symlink_to", "is a symbolic link"), ("hardlink_to", "not a plain file of its own")],
+)
+def test_a_planted_lock_link_is_refused_and_its_target_untouched(
+    make_experiment: ExperimentFactory, tmp_path: Path, plant: str, message: str
 ) -> None:
     exp = make_experiment()
     victim = tmp_path / "precious.txt"
     victim.write_text("do not touch")
-    Path(f"{_state(exp)}.lock").symlink_to(victim)
+    getattr(Path(f"{_state(exp)}.lock"), plant)(victim)
     done = alma_cli("run", exp)
-    assert done.returncode == 3, done.stderr
-    assert "is a symbolic link" in done.stderr
-    assert victim.read_text() == "do not touch"
-
-
-def test_a_planted_lock_hard_link_is_not_truncated(
-    make_experiment: ExperimentFactory, tmp_path: Path
-) -> None:
-    exp = make_experiment()
-    victim = tmp_path / "precious.txt"
-    victim.write_text("do not touch")
-    Path(f"{_state(exp)}.lock").hardlink_to(victim)
-    done = alma_cli("run", exp)
-    assert done.returncode == 3 and "not a plain file of its own" in done.stderr
+    assert done.returncode == 3 and message in done.stderr, done.stderr
     assert victim.read_text() == "do not touch"
 
 
