@@ -238,8 +238,10 @@ def ship(run: Callable[..., Any], executor: str, destination: str, *, remote: bo
 
 
 def neighbours(run: Callable[..., Any]) -> list[Path]:
-    """Files of the modules imported from the run module's own folder (``from featlib
-    import x`` next to it): what workers on other machines need besides the run module.
+    """What the run module imported from its own folder (``from featlib import x``, or
+    ``from mylib.models import y`` with a ``mylib/`` package next to it): the module
+    files and the package folders that workers on other machines need besides the run
+    module itself.
     """
     module = sys.modules.get(getattr(run, "__module__", "") or "")
     file = getattr(module, "__file__", None)
@@ -254,6 +256,9 @@ def neighbours(run: Callable[..., Any]) -> list[Path]:
         resolved = Path(path).resolve()
         if resolved.parent == folder:
             found.add(resolved)
+        elif resolved.name == "__init__.py" and resolved.parent.parent == folder:
+            # A package in the folder: the whole package folder travels.
+            found.add(resolved.parent)
     return sorted(found)
 
 

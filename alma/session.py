@@ -105,9 +105,7 @@ class Session:
         """Take the OS lock and the store's writer; raises LockedError or StateError."""
         lock.acquire()
         try:
-            ids = store.open_writer(
-                list(zip(spec.instances, spec.paths, strict=True)), spec.iterations, spec.code_hash
-            )
+            ids = store.open_writer(spec.instances, spec.paths, spec.iterations, spec.code_hash)
             with mutex:
                 tally.refresh(store, force=True, ids=ids)
                 return cls(spec, store, lock, tally, mutex, hooks)

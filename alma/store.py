@@ -65,6 +65,11 @@ CREATE TABLE sessions (
 """
 
 
+#: (first id, names, paths) of instances to insert with the next commit.
+_NewInstances = tuple[int, Sequence[str], Sequence[str]]
+_NOTHING_NEW: _NewInstances = (0, (), ())
+
+
 class Counts(NamedTuple):
     """Finished runs of one instance."""
 
@@ -80,6 +85,8 @@ class Store:
         self.experiment = experiment
         self._writer: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None  # (device, inode) the writer opened
+        # Instances open_writer gave ids to, not inserted yet: (first id, names, paths).
+        self._unregistered: _NewInstances = _NOTHING_NEW
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
         self._ready = False  # the file was seen holding alma's schema
@@ -233,13 +240,15 @@ class Store:
     # -- writing (the dispatcher's side only) ------------------------------------------
 
     def open_writer(
-        self, instances: Sequence[tuple[str, str]], iterations: int, code: str
+        self, names: Sequence[str], paths: Sequence[str], iterations: int, code: str
     ) -> dict[str, int]:
-        """Open (creating if new) for writing; register instances and this session.
-
-        Returns the id of every instance the state knows (those given included).
+        """Open (creating if new) for writing; register this session and give the
+        instances (``names``, with their ``paths``) that the state does not know yet
+        their ids. Returns the id of every instance the state knows (those given
+        included).
         """
         self.validate()
+        batch_size = len(names)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -258,20 +267,21 @@ class Store:
                     [("experiment", self.experiment), ("created", str(time.time()))],
                 )
             ids = dict(db.execute("SELECT name, id FROM instances"))
-            new = [(name, path) for name, path in instances if name not in ids]
-            if new:  # a resumed experiment usually has none: no 100,000-row insert
-                last = db.execute("SELECT coalesce(max(id), 0) FROM instances").fetchone()[0]
-                db.executemany("INSERT INTO instances (name, path) VALUES (?, ?)", new)
-                # Under this write lock SQLite gives each new row max(id) + 1: the ids are
-                # known without reading 100,000 rows back (checked, else read back).
-                if db.execute("SELECT max(id) FROM instances").fetchone()[0] == last + len(new):
-                    ids.update((name, last + 1 + i) for i, (name, _) in enumerate(new))
-                else:
-                    ids = dict(db.execute("SELECT name, id FROM instances"))
+            # New instances get their ids now but are inserted by the first group commit
+            # (write()), in the writer thread: registering 100,000 files costs ~0.3 s of
+            # index building that start() need not wait for. Nothing refers to them until
+            # a run of theirs is committed in that same transaction; the OS lock keeps
+            # every other writer out meanwhile, so the ids cannot be taken.
+            first = db.execute("SELECT coalesce(max(id), 0) + 1 FROM instances").fetchone()[0]
+            if ids:
+                new = [pos for pos, name in enumerate(names) if name not in ids]
+                names, paths = [names[p] for p in new], [paths[p] for p in new]
+            self._unregistered = (first, names, paths)
+            ids.update(zip(names, range(first, first + len(names)), strict=True))
             db.execute(
                 "INSERT INTO sessions (started, pid, host, code, iterations, instances)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (time.time(), os.getpid(), socket.gethostname(), code, iterations, len(instances)),
+                (time.time(), os.getpid(), socket.gethostname(), code, iterations, batch_size),
             )
             db.execute("COMMIT")
         except BaseException:
@@ -294,6 +304,7 @@ class Store:
         self._check_still_there()
         db.execute("BEGIN")
         try:
+            self._register_new(db)
             # map(tuple): sqlite3 binds exact tuples ~1 µs per row faster than NamedTuples.
             db.executemany(
                 "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?)", map(tuple, checkpoints)
@@ -306,6 +317,7 @@ class Store:
                 "DELETE FROM checkpoints WHERE instance = ? AND iteration = ?", drop_checkpoints
             )
             db.execute("COMMIT")
+            self._unregistered = _NOTHING_NEW
         except BaseException:
             if db.in_transaction:  # a failed COMMIT (disk full) has already rolled back
                 db.execute("ROLLBACK")
@@ -334,6 +346,7 @@ class Store:
         self._check_still_there()
         db.execute("BEGIN IMMEDIATE")
         try:
+            self._register_new(db)
             if failed_only:
                 n = db.execute("DELETE FROM runs WHERE status = ?", (FAILED,)).rowcount
             else:
@@ -341,11 +354,21 @@ class Store:
             if not failed_only:
                 db.execute("DELETE FROM checkpoints")
             db.execute("COMMIT")
+            self._unregistered = _NOTHING_NEW
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
         return n
+
+    def _register_new(self, db: sqlite3.Connection) -> None:
+        """Insert the instances open_writer gave ids to (in the caller's transaction)."""
+        first, names, paths = self._unregistered
+        if names:
+            db.executemany(
+                "INSERT INTO instances VALUES (?, ?, ?)",
+                zip(range(first, first + len(names)), names, paths, strict=True),
+            )
 
     def close_writer(self) -> None:
         """Close the writer connection, folding the WAL back into the file first."""
@@ -361,6 +384,7 @@ class Store:
             self._writer.close()
             self._writer = None
             self._identity = None
+            self._unregistered = _NOTHING_NEW
 
     def close(self) -> None:
         """Close every connection this object holds."""

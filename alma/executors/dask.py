@@ -47,11 +47,14 @@ import logging
 import math
 import secrets
 import socket
+import tempfile
 import threading
 import uuid
 import warnings
+import zipfile
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from ..errors import AlmaError, ConfigError, Interrupted
@@ -180,18 +183,22 @@ class DaskExecutor(Executor):
             ) from exc
 
     def _upload_neighbours(self) -> None:
-        """Send the modules the run module imports from its own folder to the workers
-        (which may be on machines without that folder); workers that join later get
-        them too. A local cluster needs none of this: its workers share this sys.path."""
-        for path in neighbours(self.run):
-            try:
-                self._client.upload_file(str(path), load=True)
-            except Exception as exc:
-                raise AlmaError(
-                    f"cannot send {path} (imported by the run module) to the Dask "
-                    f"workers ({type(exc).__name__}: {exc}). Install it where the workers "
-                    "run, or move what run() needs into the run module."
-                ) from exc
+        """Send the modules and packages the run module imports from its own folder to
+        the workers (which may be on machines without that folder); workers that join
+        later get them too. A package travels as a zip archive, which Dask puts on the
+        workers' sys.path. A local cluster needs none of this: its workers share this
+        sys.path."""
+        with tempfile.TemporaryDirectory(prefix="alma-upload-") as tmp:
+            for path in neighbours(self.run):
+                try:
+                    upload = _zip_package(path, Path(tmp)) if path.is_dir() else path
+                    self._client.upload_file(str(upload), load=True)
+                except Exception as exc:
+                    raise AlmaError(
+                        f"cannot send {path} (imported by the run module) to the Dask "
+                        f"workers ({type(exc).__name__}: {exc}). Install it where the "
+                        "workers run, or move what run() needs into the run module."
+                    ) from exc
 
     def _direct_host(self) -> str | None:
         """The address of this machine that the workers can reach, or None.
@@ -761,3 +768,14 @@ def _dask_run(
 
 
 __all__ = ["CONNECT_TIMEOUT", "DaskExecutor"]
+
+
+def _zip_package(package: Path, into: Path) -> Path:
+    """``package`` (a folder) as ``into/<name>.zip`` holding ``<name>/...``: its Python
+    sources, without caches."""
+    archive = into / f"{package.name}.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for file in sorted(package.rglob("*.py")):
+            if "__pycache__" not in file.parts:
+                zf.write(file, file.relative_to(package.parent).as_posix())
+    return archive
