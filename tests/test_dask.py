@@ -396,10 +396,10 @@ def test_direct_checkpoint_channel_needs_the_secret() -> None:
 
     from alma.executors.dask import _CheckpointServer
 
-    seen: list[tuple[int, int, str]] = []
+    seen: list[tuple[tuple[int, int, int], str]] = []
 
-    def handler(inst: int, it: int, state: str) -> str:
-        seen.append((inst, it, state))
+    def handler(key: tuple[int, int, int], state: str) -> str:
+        seen.append((tuple(key), state))
         return "ok"
 
     server = _CheckpointServer.open("127.0.0.1", handler)
@@ -416,17 +416,17 @@ def test_direct_checkpoint_channel_needs_the_secret() -> None:
     try:
         for hello in [json.dumps({"secret": "wrong"}).encode(), b"\x80\x04not json"]:
             intruder = connect(hello)
-            intruder.send_bytes(json.dumps([1, 2, '{"x": 1}']).encode())
+            intruder.send_bytes(json.dumps([1, 1, 2, '{"x": 1}']).encode())
             with pytest.raises((EOFError, OSError)):
                 assert intruder.poll(5)
                 intruder.recv_bytes()
             intruder.close()
         assert seen == []
         worker = connect(json.dumps({"secret": secret}).encode())
-        worker.send_bytes(json.dumps([1, 2, '{"x": 1}']).encode())
+        worker.send_bytes(json.dumps([1, 1, 2, '{"x": 1}']).encode())
         assert worker.poll(5) and worker.recv_bytes() == b"ok"
         worker.close()
-        assert seen == [(1, 2, '{"x": 1}')]
+        assert seen == [((1, 1, 2), '{"x": 1}')]
     finally:
         server.close()
 

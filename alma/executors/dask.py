@@ -373,7 +373,7 @@ class _Window:
         """Submit (task, resubmits) pairs in one client.map: one graph update, not one
         per run."""
         session = self.ex._session
-        keys = [f"alma-run-{session}-{t.key[0]}-{t.key[1]}-{n}" for t, n in tasks]
+        keys = [f"alma-run-{session}-{'-'.join(map(str, t.key))}-{n}" for t, n in tasks]
         n = len(tasks)
         futures = self.client.map(
             _dask_run,
@@ -384,6 +384,8 @@ class _Window:
             [t.key for t, _ in tasks],
             [t.path for t, _ in tasks],
             [t.iteration for t, _ in tasks],
+            [t.params for t, _ in tasks],
+            [t.seed for t, _ in tasks],
             [t.checkpoint for t, _ in tasks],
             [self.ex.retries] * n,
             [self.relay.channel] * n,
@@ -454,10 +456,10 @@ class _CheckpointRelay:
         self._server = _CheckpointServer.open(executor._direct_host(), self.commit)
         self.channel = None if self._server is None else self._server.channel
 
-    def commit(self, inst: int, it: int, state: str) -> str:
+    def commit(self, key: RunKey, state: str) -> str:
         """Commit one checkpoint sent by a worker; the answer: "ok" or "stop"."""
         with self.ex._lock:
-            task = self.ex._tasks.get(RunKey(inst, it))
+            task = self.ex._tasks.get(key)
         if task is None:  # abandoned (stop) or finished: nobody stores it any more
             return "stop"
         task.checkpoint = state
@@ -488,9 +490,9 @@ class _CheckpointRelay:
                 return
             if item is None:
                 return
-            reply_name, inst, it, state = item
-            answer = self.commit(inst, it, state)
-            key = RunKey(inst, it)
+            reply_name, inst, cfg, it, state = item
+            key = RunKey(inst, cfg, it)
+            answer = self.commit(key, state)
             try:
                 with self.ex._lock:
                     reply = self._replies.get(key)
@@ -530,7 +532,7 @@ class _CheckpointServer:
     NAT) fall back to the queues, so this only ever makes checkpoints faster.
     """
 
-    def __init__(self, sock: socket.socket, handler: Callable[[int, int, str], str]) -> None:
+    def __init__(self, sock: socket.socket, handler: Callable[[RunKey, str], str]) -> None:
         self._sock = sock
         self._handler = handler
         self._secret = secrets.token_hex(16)
@@ -544,7 +546,7 @@ class _CheckpointServer:
 
     @classmethod
     def open(
-        cls, host: str | None, handler: Callable[[int, int, str], str]
+        cls, host: str | None, handler: Callable[[RunKey, str], str]
     ) -> _CheckpointServer | None:
         if host is None:
             return None
@@ -592,8 +594,9 @@ class _CheckpointServer:
             with self._lock:
                 self._pending -= 1
             while True:
-                inst, it, state = json.loads(conn.recv_bytes())
-                conn.send_bytes(self._handler(int(inst), int(it), str(state)).encode())
+                inst, cfg, it, state = json.loads(conn.recv_bytes())
+                key = RunKey(int(inst), int(cfg), int(it))
+                conn.send_bytes(self._handler(key, str(state)).encode())
         except (EOFError, OSError, ValueError, TypeError):
             pass  # closed, or not one of ours
         finally:
@@ -652,7 +655,7 @@ _CHANNEL_LOCK = threading.Lock()
 
 
 def _send_direct(
-    session: str, channel: tuple[str, int, str], run_key: tuple[int, int], text: str
+    session: str, channel: tuple[str, int, str], run_key: tuple[int, int, int], text: str
 ) -> str | None:
     """A checkpoint over the direct channel: the answer, or None to use the queues."""
     with _CHANNEL_LOCK:  # one connection per worker process, shared by its threads
@@ -669,7 +672,7 @@ def _send_direct(
         if conn is False:
             return None
         try:
-            conn.send_bytes(json.dumps([run_key[0], run_key[1], text]).encode())
+            conn.send_bytes(json.dumps([*run_key, text]).encode())
             if not conn.poll(CHECKPOINT_ACK_TIMEOUT):
                 raise TimeoutError
             return conn.recv_bytes().decode()
@@ -714,9 +717,11 @@ def _dask_run(
     token: str,
     payload: ShippedRun,
     key: str,
-    run_key: tuple[int, int],
+    run_key: tuple[int, int, int],
     path: str,
     iteration: int,
+    params: dict[str, Any],
+    seed: int,
     state: str | None,
     retries: int,
     channel: tuple[str, int, str] | None = None,
@@ -734,7 +739,7 @@ def _dask_run(
     reply: Any = None
     try:
         caller = _caller(token, payload)
-        task = Task(RunKey(*run_key), "", path, iteration, state)
+        task = Task(RunKey(*run_key), "", path, iteration, params, seed, state)
 
         def checkpoint(_task: Task, text: str) -> None:
             nonlocal reply
@@ -750,7 +755,7 @@ def _dask_run(
             queue = _QUEUES.get(session)
             if queue is None:
                 queue = _QUEUES[session] = distributed.Queue(f"{session}-ckpt", client=client)
-            queue.put([reply.name, run_key[0], run_key[1], text])
+            queue.put([reply.name, *run_key, text])
             answer = _wait_answer(reply, key)
             if answer != "ok":
                 raise Interrupted(f"{path} iteration {iteration}: stopped")
