@@ -81,8 +81,13 @@ def run_seed(
 
 def seed_of(instance: str, iteration: int, config_key: str, seed: int) -> int:
     """:func:`run_seed` for a configuration given by its canonical JSON (its key)."""
-    text = f"[{seed},{json.dumps(instance, ensure_ascii=False)},{config_key},{iteration}]"
+    # encode_basestring is json.dumps(instance, ensure_ascii=False) without building an
+    # encoder per call (~10x faster: this runs once per run).
+    text = f"[{seed},{_json_string(instance)},{config_key},{iteration}]"
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
+
+
+_json_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
 
 @dataclass(slots=True)

@@ -213,19 +213,26 @@ def _compile(run: Callable[..., Any], layout: _Layout) -> Caller:
         if len(positional) == 1:
             return lambda task, s, st: run(task.path)
 
+    pos = [_getter(v) for v in positional]
+    kw = [(name, _getter(v)) for name, v in keyword]
+
     def call(task: Task, s: Any, st: Any) -> Any:
-        values = {
-            **task.params,
-            "instance": task.path,
-            "save_callback": s,
-            "state": st,
-            "iteration": task.iteration,
-            "seed": task.seed,
-            "params": dict(task.params),
-        }
-        return run(*[values[v] for v in positional], **{n: values[v] for n, v in keyword})
+        return run(*[g(task, s, st) for g in pos], **{n: g(task, s, st) for n, g in kw})
 
     return call
+
+
+def _getter(value: str) -> Caller:
+    """How to get the value named ``value`` (see _Layout) for one run."""
+    fixed: dict[str, Caller] = {
+        "instance": lambda task, s, st: task.path,
+        "save_callback": lambda task, s, st: s,
+        "state": lambda task, s, st: st,
+        "iteration": lambda task, s, st: task.iteration,
+        "seed": lambda task, s, st: task.seed,
+        "params": lambda task, s, st: dict(task.params),
+    }
+    return fixed.get(value) or (lambda task, s, st: task.params[value])
 
 
 # -- shipping to other processes and machines ----------------------------------------
