@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import socket
 import sqlite3
@@ -23,13 +22,15 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import StateError
 from .records import DONE, FAILED, CheckpointRecord, Config, RunKey, RunRecord, seed_of
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from . import frames
 
 #: PRAGMA application_id of alma state files: b"alma" read as a big-endian integer.
 APPLICATION_ID = int.from_bytes(b"alma", "big")
@@ -116,6 +117,21 @@ CREATE TEMP VIEW runs AS SELECT instance, {_EMPTY_CONFIG_ID} AS config, iteratio
 CREATE TEMP VIEW checkpoints AS SELECT instance, {_EMPTY_CONFIG_ID} AS config, iteration,
     state, saved FROM main.checkpoints;
 """
+
+#: Every column of results_frame, in the order alma.frames expects.
+_RESULTS_QUERY = (
+    "SELECT i.name, r.iteration, r.config, r.seed, r.status, r.error, r.duration, r.attempts,"
+    " r.interruptions, r.finished, r.code, r.traceback, r.result FROM runs r"
+    " JOIN instances i ON i.id = r.instance ORDER BY r.instance, r.config, r.iteration"
+)
+#: The same for Arrow: text never NULL (a column's type is inferred from its first
+#: rows), and each result as a line {"r": ...} of newline-delimited JSON.
+_ARROW_RESULTS_QUERY = (
+    "SELECT instance, iteration, config, seed, status, coalesce(error, ''), duration,"
+    " attempts, interruptions, finished, coalesce(code, ''), coalesce(traceback, ''),"
+    " '{\"r\":' || coalesce(result, 'null') || '}' || char(10)"
+    " FROM runs ORDER BY instance, config, iteration"
+)
 
 #: (instance id, config id): one row of the plan, one instance in one configuration.
 Cell = tuple[int, int]
@@ -306,19 +322,49 @@ class Store:
 
     def results_frame(self) -> pd.DataFrame:
         """One row per finished run; each parameter of the configurations and each key
-        of a dict result becomes a column."""
-        rows: list[Any] = []
-        configs: dict[int, str] = {}
-        if self.exists():
-            with self._reading() as db:
-                rows = db.execute(
-                    "SELECT i.name, r.iteration, r.config, r.seed, r.status, r.error,"
-                    " r.duration, r.attempts, r.interruptions, r.finished, r.code,"
-                    " r.traceback, r.result FROM runs r JOIN instances i ON i.id = r.instance"
-                    " ORDER BY r.instance, r.config, r.iteration"
-                ).fetchall()
-                configs = dict(db.execute("SELECT id, params FROM configs"))
-        return _results_frame(rows, configs)
+        of a dict result becomes a column (see alma.frames)."""
+        from . import frames
+
+        if not self.exists():
+            return frames.from_rows([], {})
+        with self._reading():  # validates (and, for a schema-1 file, sets up) the reader
+            version = self._version
+        if version == SCHEMA_VERSION and frames.ARROW:
+            # Columnar, without a Python object per value: ~3x faster than fetchall,
+            # and a third of the memory. Anything it cannot type (a result whose type
+            # varies between rows, damaged JSON) is read the exact way below.
+            fast = self._arrow_rows()
+            if fast is not None:
+                frame = frames.from_arrow(fast)
+                if frame is not None:
+                    return frame
+        with self._reading() as db:
+            rows = db.execute(_RESULTS_QUERY).fetchall()
+            configs = dict(db.execute("SELECT id, params FROM configs"))
+        return frames.from_rows(rows, configs)
+
+    def _arrow_rows(self) -> frames.ArrowRows | None:
+        """The rows of results_frame as an Arrow table (text columns never NULL, the
+        result wrapped as one line of JSON, so Arrow can type every column from the
+        first rows; instances by id), with the instances' names and the
+        configurations; None if the driver cannot read it."""
+        import adbc_driver_sqlite.dbapi as adbc
+
+        from . import frames
+
+        uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        try:
+            with adbc.connect(uri) as con, con.cursor() as cur:
+                cur.execute(_ARROW_RESULTS_QUERY)
+                table = cur.fetch_arrow_table()
+                # Read after the runs: a superset of what they refer to.
+                cur.execute("SELECT id, name FROM instances")
+                names = dict(cur.fetchall())
+                cur.execute("SELECT id, params FROM configs")
+                configs = dict(cur.fetchall())
+        except Exception:  # the driver's own errors: the exact path reads it instead
+            return None
+        return frames.ArrowRows(table, names, configs)
 
     # -- writing (the dispatcher's side only) ------------------------------------------
 
@@ -584,77 +630,3 @@ class _Reading:
             and any(w in str(exc) for w in ("locked", "busy"))
         ):
             raise self.store._refuse(f"unreadable or corrupt ({exc})") from None
-
-
-#: The columns of results_frame around the parameters' and the result's own (see
-#: docs/experiment.md): identity, then the parameters, then these, then the result.
-IDENTITY_COLUMNS = ("instance", "iteration")
-RUN_COLUMNS = (
-    "seed",
-    "status",
-    "error",
-    "duration",
-    "attempts",
-    "interruptions",
-    "finished",
-    "code",
-    "traceback",
-)
-
-
-def _results_frame(rows: list[Any], configs: dict[int, str]) -> pd.DataFrame:
-    """The results frame of rows read as (instance, iteration, config id, *RUN_COLUMNS,
-    result JSON), with ``configs`` (id -> params JSON)."""
-    import pandas as pd
-
-    width = len(IDENTITY_COLUMNS) + 1 + len(RUN_COLUMNS) + 1
-    cols = list(zip(*rows, strict=True)) if rows else [()] * width
-    identity, config, run, results = cols[:2], cols[2], cols[3:-1], cols[-1]
-    frame = pd.DataFrame(dict(zip(IDENTITY_COLUMNS, identity, strict=True)))
-    params = {cid: json.loads(text) for cid, text in configs.items()}
-    if any(params.values()):  # one column per parameter, a row per configuration first
-        per_config = pd.DataFrame.from_records(list(params.values()), index=list(params))
-        taken = per_config.reindex(list(config))
-        frame = pd.concat([frame, taken.reset_index(drop=True)], axis=1)
-    for name, values in zip(RUN_COLUMNS, run, strict=True):
-        frame[name] = values
-    frame["finished"] = pd.to_datetime(frame["finished"], unit="s", utc=True)
-    return _expand_results(frame, _decode_results(results, frame))
-
-
-def _decode_results(texts: Sequence[str | None], frame: pd.DataFrame) -> list[Any]:
-    """The stored results, decoded. One parse of one JSON array is ~4x faster than a
-    json.loads per row; if a row cannot be read back (damaged in the file), the rows are
-    parsed one by one and each bad one gets None and says why in its ``error`` column,
-    so one bad row never hides the others."""
-    try:
-        return list(json.loads("[" + ",".join(t or "null" for t in texts) + "]"))
-    except (ValueError, RecursionError):
-        pass
-    values: list[Any] = []
-    for row, text in enumerate(texts):
-        try:
-            values.append(None if text is None else json.loads(text))
-        except (ValueError, RecursionError) as exc:
-            values.append(None)
-            frame.loc[row, "error"] = (
-                f"the stored result cannot be read back ({type(exc).__name__}: {exc})"
-            )
-    return values
-
-
-def _expand_results(frame: pd.DataFrame, values: list[Any]) -> pd.DataFrame:
-    """Dict results become columns (prefixed ``result_`` on a name clash), others ``result``."""
-    import pandas as pd
-
-    dicts = [v if isinstance(v, dict) else {} for v in values]
-    others = [None if isinstance(v, dict) else v for v in values]
-    if any(dicts):
-        extra = pd.DataFrame.from_records(dicts, index=frame.index)
-        extra.columns = [
-            f"result_{c}" if c in frame.columns or c == "result" else str(c) for c in extra.columns
-        ]
-        frame = pd.concat([frame, extra], axis=1)
-    if any(v is not None for v in others) or not any(dicts):
-        frame["result"] = others
-    return frame
