@@ -140,7 +140,7 @@ def _run(dispatcher: Any, experiment: str | None, quiet: bool) -> int:
         return EXIT_STATE if isinstance(halted, StateError) else EXIT_FAILED_RUNS
     if not dispatcher.finished:
         if asked.is_set() or dispatcher.stopped_remotely:
-            by = " by alma stop" if not asked.is_set() else ""
+            by = " by a stop request" if not asked.is_set() else ""
             print(f"alma: paused{by}: {summary}. Continue with: {again}", file=sys.stderr)
             return EXIT_PAUSED
         print(f"alma: stopped before the end: {summary}.", file=sys.stderr)

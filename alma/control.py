@@ -48,6 +48,12 @@ def request_stop(state_path: Path, holder: Holder) -> None:
 
     Raises StateError when the request cannot be written (a read-only folder, a planted
     symlink)."""
+    owner = _owner(state_path)
+    if os.getuid() != owner:
+        raise StateError(
+            f"Only the owner of {state_path} (uid {owner}) can stop its runner "
+            f"({holder.describe()}); you are uid {os.getuid()}."
+        )
     path = request_path(state_path)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # an earlier request (stale, or the same one again)

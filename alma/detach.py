@@ -97,6 +97,8 @@ def launch(spec: Spec, timeout: float = START_TIMEOUT) -> Launched:
         here = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
+        if env.get("MPLBACKEND", "").startswith("module://"):  # a kernel's inline plots
+            del env["MPLBACKEND"]
         proc = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
