@@ -674,8 +674,10 @@ def _after_cell(*_args: Any) -> None:
             if d is None or c.closed:
                 continue
             # Also redraw when a cell changed the state without the timer running, e.g.
-            # `d.start(); d.join()` in a later cell leaves a shown controller otherwise stale.
-            if d.running or c._last_status in _ACTIVE or d.status != c._last_status:
+            # `d.start(); d.join()` in a later cell leaves a shown controller otherwise stale;
+            # and after `d.start(detach=True)` the runner elsewhere is worth watching.
+            stale = d.status != c._last_status or d.running_elsewhere
+            if d.running or c._last_status in _ACTIVE or stale:
                 c.follow()
         except Exception:  # never let a UI problem surface in the user's cell
             log.debug("alma controller: waking the timer failed", exc_info=True)
