@@ -506,3 +506,16 @@ def test_magics_stop_a_remote_runner_and_start_detached(
     finally:
         if magics.dispatcher is not None:
             magics.dispatcher.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_planted_log_link_is_refused_and_its_target_untouched(
+    make_experiment: ExperimentFactory, tmp_path: Path
+) -> None:
+    exp = slow_experiment(make_experiment)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    Path(f"{state_of(exp)}.log").symlink_to(victim)
+    out = alma_cli("run", "--detach", exp)
+    assert out.returncode == 3 and "log file" in out.stderr
+    assert victim.read_text() == "precious\n" and runner_of(exp) is None
