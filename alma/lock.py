@@ -140,9 +140,8 @@ class ExperimentLock:
                 )
             raise LockedError(
                 f"The experiment using {self.path.with_suffix('')} is already running "
-                f"({holder}). Pause it with `alma stop` or its dispatcher's stop(), or wait for "
-                "it to finish; loading and "
-                "reading results stay allowed meanwhile."
+                f"({holder}). Pause it with `alma stop` or its dispatcher's stop(), or "
+                "wait for it to finish; loading and reading results stay allowed meanwhile."
             ) from None
         os.ftruncate(fd, 0)
         me = Holder(

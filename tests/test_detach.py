@@ -153,9 +153,11 @@ def test_detach_returns_at_once_and_the_runner_outlives_the_launching_shell(
         first = d.progress.done
         assert first < d.spec.total  # returned while runs go on
         wait_until(lambda: d.progress.done > first, timeout=30)
+        hung_up = len(calls(exp))
         os.kill(pid, signal.SIGHUP)  # what closing a terminal sends: it runs on
-        hung_up = d.progress.done
-        wait_until(lambda: d.progress.done > hung_up, timeout=30)
+        wait_until(lambda: len(calls(exp)) >= hung_up + 2, timeout=30)  # new runs start
+        hold = exp.parent / "hold"
+        hold.write_text("")  # keep it busy while we look at it
         holder = d.runner
         assert holder is not None and holder.pid == pid and holder.detached
         status = alma_cli("status", exp)
@@ -163,6 +165,7 @@ def test_detach_returns_at_once_and_the_runner_outlives_the_launching_shell(
             f"runner: pid {pid} on host {socket.gethostname()}, detached, since " in status.stdout
         )
         assert f"log: {log}" in status.stdout
+        hold.unlink()
         assert d.join(timeout=60)  # the view waits for the runner to end
         assert d.progress.done == d.spec.total and d.running_elsewhere is None
     finally:
