@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO, ExperimentFactory, alma_cli, alma_popen, python_env, wait_until
+from helpers import ExperimentFactory, alma_cli, alma_popen, python_env, wait_until
 
 import alma
 import alma.experiment
@@ -403,7 +403,6 @@ def test_start_detach_in_code_and_a_view_that_never_stops_the_runner(tmp_path: P
 def test_kernel_starts_detached_is_killed_and_a_new_kernel_attaches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sys.path.insert(0, str(REPO / "tests"))
     from test_kernel import Kernel
 
     for i in range(4):
