@@ -1,13 +1,15 @@
-"""The ``alma`` command: run, status, results, reset, replay. A thin front-end over the
-Dispatcher.
+"""The ``alma`` command: run, stop, status, results, reset, replay. A thin front-end
+over the Dispatcher.
 
 Exit codes:
     0    success (``run``: every run of the plan finished and none failed)
-    1    ``run``: not every run finished done: some failed, or an executor failed
+    1    ``run``: not every run finished done: some failed, or an executor failed;
+         ``stop``: the runner did not pause within the timeout
     2    bad usage or a bad experiment/batch/run module (ConfigError)
     3    the state file cannot be used, or could not be written during ``run`` (StateError)
     4    the experiment is already running elsewhere (LockedError)
-    130  ``run`` was paused by Ctrl-C or SIGTERM; ``alma run`` again continues
+    130  ``run`` was paused by Ctrl-C, SIGTERM or ``alma stop``; ``alma run`` again
+         continues
 ``replay`` exits 1 with the run's traceback when ``run()`` raises.
 """
 
@@ -20,6 +22,7 @@ import signal
 import sys
 import sysconfig
 import threading
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,10 +41,65 @@ def _load(path: str, readonly: bool = True) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run (or resume) until every run finished; Ctrl-C/SIGTERM pause cleanly."""
+    """Run (or resume) until every run finished; Ctrl-C/SIGTERM/``alma stop`` pause
+    cleanly. ``--detach``: in a background runner, returning once it holds the lock."""
+    if args.detach:
+        return _detach(args.experiment)
+    return _run(_load(args.experiment, readonly=False), args.experiment, args.quiet)
+
+
+def _detach(experiment: str) -> int:
+    dispatcher = _load(experiment)  # the runner imports the run module, not us
+    if dispatcher.finished:
+        print(f"alma: nothing to run: every run of {experiment} has finished.", file=sys.stderr)
+        return EXIT_OK
+    dispatcher.start(detach=True)  # raises what made the runner exit (codes 2, 3, 4)
+    runner = dispatcher.runner
+    if runner is None:  # it ended already: nothing was owed after all
+        print(f"alma: {_summary(dispatcher)}.", file=sys.stderr)
+        return EXIT_OK
+    print(
+        f"alma: running detached: pid {runner.pid} on host {runner.host}.\n"
+        f"alma: log:    {runner.log}\n"
+        f"alma: follow: alma status {experiment}   (or: tail -f {runner.log})\n"
+        f"alma: stop:   alma stop {experiment}   (alma run --detach {experiment} resumes)"
+    )
+    return EXIT_OK
+
+
+def _summary(dispatcher: Any) -> str:
+    p = dispatcher.progress
+    return f"{p.status}: {p.done} of {p.total} runs done, {p.failed} failed"
+
+
+def cmd_runner(args: argparse.Namespace) -> int:
+    """The detached runner that ``run --detach`` starts (not for people to call)."""
+    from .lock import mark_detached
+
+    mark_detached(Path(args.log))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # no terminal to lose; never hang up
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    print(f"alma: {stamp}: detached runner, pid {os.getpid()}", file=sys.stderr)
+    if args.spec is not None:
+        from .detach import read_spec
+        from .dispatcher import Dispatcher
+
+        dispatcher, label = Dispatcher(read_spec(Path(args.spec))), None
+    else:
+        dispatcher, label = _load(args.experiment, readonly=False), args.experiment
+    try:
+        return _run(dispatcher, label, quiet=True)
+    finally:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        print(f"alma: {stamp}: detached runner {os.getpid()} ends", file=sys.stderr)
+
+
+def _run(dispatcher: Any, experiment: str | None, quiet: bool) -> int:
+    """Run ``dispatcher`` to the end or a pause; the exit code. ``experiment``: the file
+    to name in the hints (None for one defined in code)."""
     from tqdm import tqdm
 
-    dispatcher = _load(args.experiment, readonly=False)
+    again = f"alma run {experiment}" if experiment else "start() on its dispatcher"
     asked = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -60,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             unit="run",
             desc=dispatcher.spec.name,
             dynamic_ncols=True,
-            disable=args.quiet,
+            disable=quiet,
         )
         while not asked.is_set() and not dispatcher.join(timeout=0.2) and dispatcher.running:
             _update(bar, dispatcher.progress)
@@ -82,18 +140,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"alma: stopped: {summary}.\nalma: error: {halted}", file=sys.stderr)
         return EXIT_STATE if isinstance(halted, StateError) else EXIT_FAILED_RUNS
     if not dispatcher.finished:
-        if asked.is_set():
-            print(
-                f"alma: paused: {summary}. Continue with: alma run {args.experiment}",
-                file=sys.stderr,
-            )
+        if asked.is_set() or dispatcher.stopped_remotely:
+            by = " by a stop request" if not asked.is_set() else ""
+            print(f"alma: paused{by}: {summary}. Continue with: {again}", file=sys.stderr)
             return EXIT_PAUSED
         print(f"alma: stopped before the end: {summary}.", file=sys.stderr)
-        _print_last_error(dispatcher.last_error, args.experiment)
+        _print_last_error(dispatcher.last_error, experiment)
         return EXIT_FAILED_RUNS
     print(f"alma: finished: {summary}. State: {dispatcher.state_path}", file=sys.stderr)
     if p.failed or dispatcher.last_error is not None:
-        _print_last_error(dispatcher.last_error, args.experiment)
+        _print_last_error(dispatcher.last_error, experiment)
     return EXIT_FAILED_RUNS if p.failed else EXIT_OK
 
 
@@ -118,13 +174,18 @@ def _user_location(traceback: str) -> str | None:
     return None
 
 
-def _print_last_error(error: Any, experiment: str) -> None:
+def _print_last_error(error: Any, experiment: str | None) -> None:
     """After a run with failures, say what went wrong last and how to redo the failed runs."""
     if error is not None:
         where = f"{error.instance}, iteration {error.iteration}: " if error.instance else ""
         location = _user_location(error.traceback or "")
         at = f" (at {location})" if location else ""
         print(f"alma: last error: {where}{error.error}{at}", file=sys.stderr)
+    if experiment is None:
+        print(
+            "alma: see its results for every failure; retry_failed() redoes them.", file=sys.stderr
+        )
+        return
     print(
         f"alma: see `alma results {experiment}` for every failure; "
         f"fix, then `alma reset --failed {experiment}`",
@@ -150,6 +211,39 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(
         f"\n{status}: {p.done}/{p.total} done, {p.failed} failed, {p.pending} pending"
         f"  (state: {dispatcher.state_path})"
+    )
+    runner = dispatcher.runner
+    if runner is not None:
+        how = "detached" if runner.detached else "not detached"
+        print(f"runner: pid {runner.pid} on host {runner.host}, {how}, since {runner.since}")
+        if runner.log:
+            print(f"log: {runner.log}")
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Ask whichever process runs the experiment to pause; wait until it has."""
+    dispatcher = _load(args.experiment)
+    runner = dispatcher.runner
+    if runner is None:
+        print(f"alma: not running: {_summary(dispatcher)}.", file=sys.stderr)
+        return EXIT_OK
+    print(f"alma: asking pid {runner.pid} on host {runner.host} to pause…", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the message below says it better
+        paused = dispatcher.stop(timeout=args.timeout)
+    if not paused:
+        print(
+            f"alma: error: {runner.describe()} did not pause within {args.timeout:g} s "
+            "(runs in flight that never checkpoint end first); it pauses once they end. "
+            f"Wait, or stop again with a longer --timeout.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED_RUNS
+    print(
+        f"alma: paused: {_summary(dispatcher).split(': ', 1)[1]}. "
+        f"Continue with: alma run [--detach] {args.experiment}",
+        file=sys.stderr,
     )
     return EXIT_OK
 
@@ -235,7 +329,7 @@ def parser() -> argparse.ArgumentParser:
         description="Plan, run, pause and resume file-based experiments.",
         epilog="Exit codes: 0 ok, 1 some runs failed (or an executor failed), 2 bad usage or "
         "config, 3 unusable state file (or it could not be written), 4 already running "
-        "elsewhere, 130 paused by Ctrl-C/SIGTERM.",
+        "elsewhere, 130 paused by Ctrl-C/SIGTERM/alma stop.",
     )
     from . import __version__
 
@@ -243,7 +337,23 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run or resume an experiment, with a progress bar")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "-d",
+        "--detach",
+        action="store_true",
+        help="run in a background process that outlives this terminal; returns once it "
+        "runs (output to <state>.log; pause it with alma stop)",
+    )
     run.set_defaults(func=cmd_run)
+    stop = sub.add_parser("stop", help="pause the experiment, wherever it runs on this machine")
+    stop.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds to wait for it to pause (default 60)",
+    )
+    stop.set_defaults(func=cmd_stop)
     sub.add_parser("status", help="per-instance progress (readable while it runs)").set_defaults(
         func=cmd_status
     )
@@ -254,7 +364,7 @@ def parser() -> argparse.ArgumentParser:
     reset.add_argument("--failed", action="store_true", help="only the failed runs")
     reset.add_argument("-y", "--yes", action="store_true", help="do not ask to confirm")
     reset.set_defaults(func=cmd_reset)
-    for action in (run, sub.choices["status"], res, reset):
+    for action in (run, stop, sub.choices["status"], res, reset):
         action.add_argument("experiment", help="path of the .experiment file")
     replay = sub.add_parser("replay", help="run one run again here, print its result as JSON")
     replay.add_argument("experiment", help="path of the .experiment file")
@@ -268,6 +378,12 @@ def parser() -> argparse.ArgumentParser:
         help="a parameter of the configuration (VALUE read as JSON, else as text)",
     )
     replay.set_defaults(func=cmd_replay)
+    runner = sub.add_parser("_runner")  # started by run --detach; no help: not listed
+    runner.add_argument("--log", required=True)
+    what = runner.add_mutually_exclusive_group(required=True)
+    what.add_argument("--experiment")
+    what.add_argument("--spec")
+    runner.set_defaults(func=cmd_runner)
     return p
 
 

@@ -11,6 +11,12 @@ exists only while runs go on (the OS lock, the writer, the plan, the runs in fli
 belongs to a :class:`~alma.session.Session`, which ``start()`` opens and whose end
 drops it. Front-ends never get callbacks: they poll :attr:`Dispatcher.progress`, a
 frozen snapshot, on their own timer, so a broken UI cannot break a run.
+
+A dispatcher whose experiment runs in another process (a detached runner, ``alma run``
+in a terminal, another kernel) is a live view of it: progress, results and state follow
+the state file, :attr:`~Dispatcher.runner` names that process, ``stop()`` asks it to
+pause (through :mod:`alma.control`) and ``join()`` waits for it; ``close()`` never
+stops it.
 """
 
 from __future__ import annotations
@@ -18,13 +24,15 @@ from __future__ import annotations
 import contextlib
 import difflib
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import AlmaError, ConfigError, Paused
+from . import control
+from .errors import AlmaError, ConfigError, LockedError, Paused
 from .executors import executor_class
-from .lock import ExperimentLock
+from .lock import ExperimentLock, Holder
 from .plan import Tally
 from .records import Config, RunError, RunKey, Status, Task, seed_of
 from .runfunc import make_caller
@@ -89,6 +97,7 @@ class Dispatcher:
         #: The last failure seen (a run's, or of alma's own machinery), or None.
         self.last_error: RunError | None = None
         self._halted: AlmaError | None = None
+        self._stopped_remotely = False
         self._tally.refresh(self._store, force=True)
         _warn_at_load(spec, self._store)
 
@@ -106,8 +115,22 @@ class Dispatcher:
 
     @property
     def running_elsewhere(self) -> str | None:
-        """Which process runs this experiment, when another one does (else None)."""
+        """Which process runs this experiment, when another one does (else None): its
+        pid, host, since when and, for a detached runner, its log file."""
         return self._oslock.holder()
+
+    @property
+    def runner(self) -> Holder | None:
+        """The process that runs this experiment, when another one does, as a record
+        (pid, host, since, detached, log); None when none does (or this one does)."""
+        return self._oslock.holder_info()
+
+    @property
+    def stopped_remotely(self) -> bool:
+        """True when the current or last session of this dispatcher was paused by a stop
+        asked from another process (``alma stop``, another kernel's ``stop()``)."""
+        session = self._session
+        return session.stopped_remotely if session is not None else self._stopped_remotely
 
     @property
     def finished(self) -> bool:
@@ -120,12 +143,21 @@ class Dispatcher:
         """idle, running, stopping, paused or finished."""
         return self.progress.status
 
-    def start(self) -> None:
+    def start(self, detach: bool = False) -> None:
         """Start (or resume) in the background and return at once.
 
         Raises LockedError when the experiment runs in another process or kernel.
         Starting a running dispatcher does nothing.
+
+        ``detach=True`` runs it in a new background process instead, which outlives this
+        one (a kernel restart, a closed terminal): it returns once that runner holds the
+        experiment's lock; this dispatcher is then a live view of it (``stop()`` pauses
+        it, ``join()`` waits for it). Raises what the runner met: ConfigError,
+        StateError, or LockedError when the experiment already runs elsewhere.
         """
+        if detach:
+            self._start_detached()
+            return
         if self.spec.run is None:
             raise ConfigError(
                 f"{self.spec.name} was loaded for reading only (readonly=True): its run "
@@ -154,6 +186,19 @@ class Dispatcher:
         if workers:
             session.launch(workers)  # outside the locks: a Dask cluster takes seconds
 
+    def _start_detached(self) -> None:
+        from .detach import launch  # the runner machinery is needed only here
+
+        with self._lifecycle:
+            if self._session is not None:
+                raise LockedError(
+                    f"{self.spec.name} is already running in this process; stop() it "
+                    "first to run it detached."
+                )
+            if self.finished:
+                return
+            launch(self.spec)
+
     def stop(self, timeout: float | None = None) -> bool:
         """Pause: hand out no new run, let in-flight runs end, save everything.
 
@@ -161,7 +206,42 @@ class Dispatcher:
         Returns True once nothing is in flight; False if runs still go on after
         ``timeout`` seconds (they are listed in a warning and keep their (instance,
         iteration) until they end; their result is kept).
+
+        When another process runs the experiment (see :attr:`runner`), asks it to pause
+        and returns True once it has released the experiment; False if it still runs
+        after ``timeout`` seconds.
         """
+        if self._session is None:
+            holder = self._oslock.holder_info()
+            if holder is not None:
+                return self._stop_remote(holder, timeout)
+        return self._stop_local(timeout)
+
+    def _stop_remote(self, holder: Holder, timeout: float | None) -> bool:
+        control.request_stop(self.spec.state_path, holder)
+        if self._wait_remote(holder, timeout):
+            control.withdraw(self.spec.state_path)  # a runner that ended before seeing it
+            return True
+        warnings.warn(
+            f"{self.spec.name}: the runner ({holder.describe()}) was asked to pause but "
+            f"still runs after {timeout} s (runs in flight that never checkpoint end "
+            "first); it pauses once they end.",
+            stacklevel=3,
+        )
+        return False
+
+    def _wait_remote(self, holder: Holder, timeout: float | None) -> bool:
+        """Wait until ``holder`` no longer holds the lock; False after ``timeout`` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._oslock.holder_info() == holder:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        with self._mutex:  # what the runner committed last shows at once
+            self._tally.refresh(self._store, force=True)
+        return True
+
+    def _stop_local(self, timeout: float | None = None) -> bool:
         session = self._session
         if session is not None:
             session.stop()
@@ -184,14 +264,21 @@ class Dispatcher:
 
         Interrupted (Ctrl-C, the kernel's interrupt button), it pauses the experiment as
         stop() does, then raises :class:`alma.Paused`; interrupted again while runs wind
-        down, it raises at once and they end in the background."""
+        down, it raises at once and they end in the background.
+
+        When another process runs the experiment, waits for that runner to end (paused
+        or finished); interrupting this wait leaves the runner running."""
+        if self._session is None:
+            holder = self._oslock.holder_info()
+            if holder is not None:
+                return self._wait_remote(holder, timeout) and self.finished
         try:
             return self._idle.wait(timeout) and self.finished
         except KeyboardInterrupt:
             pass  # not inside the handler: the Paused below must not chain the traceback
         stopped = False
         with contextlib.suppress(KeyboardInterrupt):
-            self.stop()
+            self._stop_local()
             stopped = True
         p = self.progress
         how = "paused" if stopped else "pausing (runs in flight end in the background)"
@@ -347,8 +434,9 @@ class Dispatcher:
     def close(self) -> None:
         """Stop (waiting for in-flight runs) and release the state file.
 
-        Once stop() returns, every executor has ended and cleaned up after itself."""
-        self.stop()
+        Once stop() returns, every executor has ended and cleaned up after itself. An
+        experiment run by another process (a detached runner) is left running."""
+        self._stop_local()
         self._store.close()
 
     def __enter__(self) -> Dispatcher:
@@ -396,6 +484,7 @@ class Dispatcher:
         with self._mutex:
             self._session = None
             self._halted = session.halted
+            self._stopped_remotely = session.stopped_remotely
         self._idle.set()
 
     def _session_idle(self, session: Session) -> None:

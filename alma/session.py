@@ -21,6 +21,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .control import StopWatcher
 from .errors import AlmaError, Interrupted, StateError
 from .executors import Executor, executor_class
 from .lock import ExperimentLock
@@ -102,6 +103,11 @@ class Session:
         self._executors: list[Executor] = []
         self._live = 0  # executors started (or reserved) that have not called executor_done
         self._writer = Writer(store, self._committed, self._writer_failed)
+        #: True once a stop was asked from another process (``alma stop``, another
+        #: kernel's ``stop()``) through the request file that the watcher polls.
+        self.stopped_remotely = False
+        assert lock.me is not None, "open() takes the lock first"
+        self._watcher = StopWatcher(spec.state_path, lock.me, self._stop_requested)
 
     @classmethod
     def open(
@@ -121,7 +127,9 @@ class Session:
             )
             with mutex:
                 tally.refresh(store, force=True, ids=ids)
-                return cls(spec, store, lock, tally, mutex, hooks)
+                session = cls(spec, store, lock, tally, mutex, hooks)
+            session._watcher.start()
+            return session
         except BaseException:
             store.close_writer()
             lock.release()
@@ -132,6 +140,7 @@ class Session:
         lifecycle lock but not the mutex (the writer's last callback takes it)."""
         with self._lock:
             self._plan = None  # from now on no task is handed out and no worker added
+        self._watcher.close()
         self._writer.close()
         self._store.close_writer()
         self._oslock.release()
@@ -163,7 +172,7 @@ class Session:
         workers to launch (0: enough run already), or None when nothing is owed and no
         executor is left, so the session should close."""
         with self._lock:
-            self.stopping = False
+            self.stopping = self.stopped_remotely = False
             self._plan, self._owed = self._replan()
             # Workers of runs still in flight (a stop that timed out) pull from this
             # plan too once their run ends: start only the missing ones, and never more
@@ -215,6 +224,11 @@ class Session:
             executors = list(self._executors)
         for ex in executors:
             ex.stop()
+
+    def _stop_requested(self) -> None:
+        """The watcher saw a stop request for this session's lock holder."""
+        self.stopped_remotely = True
+        self.stop()
 
     def forget(self, failed_only: bool, replan: bool) -> tuple[int, bool]:
         """Delete finished runs (all, or the failed ones) in the writer thread, after every

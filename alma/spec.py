@@ -241,6 +241,9 @@ class Spec(Options):
     state_path: Path
     #: sha256 of the run module's file (or of the function's source), recorded per run.
     code_hash: str = ""
+    #: The ``.experiment`` file it was read from (None when defined in code): a detached
+    #: runner loads that file afresh instead of receiving a pickled function.
+    source: Path | None = field(default=None, repr=False)
 
     @property
     def cells(self) -> int:
@@ -537,5 +540,6 @@ def read_experiment(path: str | os.PathLike[str], *, import_run: bool = True) ->
         paths=paths,
         state_path=state,
         code_hash=code_hash,
+        source=exp,
         **options,
     )

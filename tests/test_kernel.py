@@ -22,6 +22,7 @@ from nbclient import NotebookClient
 from notebook_helpers import NOTEBOOKS, copy_examples, wait_for, widget_states
 
 import alma.experiment
+from alma.lock import ExperimentLock
 
 # -- helpers -------------------------------------------------------------------------
 
@@ -202,6 +203,12 @@ def test_quickstart_notebook_runs_headless(tmp_path: Path) -> None:
     )
     # the state went next to the (copied) experiment, not into the repository
     assert list((tmp_path / "examples").glob("maxcut*.sqlite"))
+    # section 6: an experiment defined in a cell, run detached, paused, resumed
+    assert "detached=True" in outputs_text(cell_with(nb, "counts.start(detach=True)  #"))
+    paused = outputs_text(cell_with(nb, "counts.stop()"))
+    assert "status='paused'" in paused
+    assert "finished 120 runs" in outputs_text(cell_with(nb, "counts.start(detach=True)\n"))
+    assert ExperimentLock(tmp_path / "notebooks" / "line_count.sqlite").holder() is None
 
     # saved widget state: one controller, its last picture is the finished experiment
     (start,) = models(nb, "ButtonModel", "alma-start")

@@ -97,6 +97,10 @@ class Controller(widgets.VBox):
         self._instances_key: Any = None
         self._instances_at = 0.0
         self._last_status = ""
+        #: Whether Start runs the experiment in a detached runner (it outlives the
+        #: kernel); set once this controller has seen the experiment run elsewhere, so
+        #: Start resumes a detached runner detached again. The Start button says so.
+        self.detach = False
 
         name = html.escape(dispatcher.spec.name)
         self.heading = _html("alma-title", f"<b>alma</b> · {name}")
@@ -213,7 +217,10 @@ class Controller(widgets.VBox):
             return
         self._message = ""
         try:
-            d.start()  # returns at once; opening the session is a few milliseconds
+            if self.detach:  # returns once the runner holds the lock (about 0.4 s)
+                d.start(detach=True)
+            else:
+                d.start()  # returns at once; opening the session is a few milliseconds
         except Exception as exc:  # e.g. LockedError: show it, keep the kernel happy
             self._message = f"Could not start: {exc}"
         self.refresh()
@@ -269,7 +276,8 @@ class Controller(widgets.VBox):
             if status == "running" and self._stopping():
                 status = "stopping"  # the stop thread may not have reached the engine yet
             elif status in ("idle", "paused") and d.running_elsewhere:
-                status = ELSEWHERE  # e.g. `alma run` in a terminal: keep watching it
+                # e.g. `alma run` in a terminal: keep watching it; Stop pauses it
+                status = "stopping" if self._stopping() else ELSEWHERE
             changed = status != self._last_status
             self._last_status = status
             now = time.monotonic()
@@ -283,8 +291,19 @@ class Controller(widgets.VBox):
                 self._draw_error(d.last_error)
                 # Status and buttons last: once they say "finished", the rest says so too.
                 self.status_label.value = status
-                self.start_button.disabled = status not in ("idle", "paused")
-                self.stop_button.disabled = status != "running"
+                self._set_buttons(status)
+
+    def _set_buttons(self, status: str) -> None:
+        """Which buttons work, and what Start does. A runner elsewhere (detached, a
+        terminal, another kernel) can be stopped from here; once this controller has
+        seen one, Start resumes it detached again, and its label says so."""
+        if status == ELSEWHERE:
+            self.detach = True
+        self.start_button.disabled = status not in ("idle", "paused")
+        self.stop_button.disabled = status not in ("running", ELSEWHERE)
+        label = "Start detached" if self.detach else "Start"
+        if self.start_button.description != label:
+            self.start_button.description = label
 
     def _draw_bar(self, p: Progress, status: str) -> None:
         self.bar.show(p, status)
@@ -655,8 +674,10 @@ def _after_cell(*_args: Any) -> None:
             if d is None or c.closed:
                 continue
             # Also redraw when a cell changed the state without the timer running, e.g.
-            # `d.start(); d.join()` in a later cell leaves a shown controller otherwise stale.
-            if d.running or c._last_status in _ACTIVE or d.status != c._last_status:
+            # `d.start(); d.join()` in a later cell leaves a shown controller otherwise stale;
+            # and after `d.start(detach=True)` the runner elsewhere is worth watching.
+            stale = d.status != c._last_status or d.running_elsewhere
+            if d.running or c._last_status in _ACTIVE or stale:
                 c.follow()
         except Exception:  # never let a UI problem surface in the user's cell
             log.debug("alma controller: waking the timer failed", exc_info=True)

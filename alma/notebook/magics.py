@@ -36,7 +36,11 @@ HELP = """\
 
   %alma load PATH      load PATH (.experiment file) and show its controller
   %alma start [PATH]   start or resume (PATH: load it first)
+  %alma start --detach [PATH]
+                       the same in a background process that outlives the
+                       kernel (close the notebook, come back, %alma stop)
   %alma stop           pause: no new runs, in-flight runs end and are saved
+                       (also when another process or a detached runner runs it)
   %alma status         one line: status, counts, rate, ETA
   %alma results        DataFrame of finished runs   (df = %alma results)
   %alma state          DataFrame per instance       (df = %alma state)
@@ -96,10 +100,15 @@ class AlmaMagics(Magics):
             return None
         if command not in _ARITY:
             raise _usage(f"%alma: unknown command {command!r}.")
+        detach = command == "start" and any(a in ("-d", "--detach") for a in args)
+        if detach:
+            args = [a for a in args if a not in ("-d", "--detach")]
         low, high = _ARITY[command]
         if not low <= len(args) <= high:
             want = f"{low}" if low == high else f"{low} to {high}"
             raise _usage(f"%alma {command}: expected {want} argument(s), got {len(args)}: {args}")
+        if detach:
+            return self._start(args[0] if args else None, detach=True)
         return getattr(self, f"_{command}")(*args)
 
     # -- subcommands -----------------------------------------------------------------
@@ -108,11 +117,11 @@ class AlmaMagics(Magics):
         self.dispatcher = _load(path)
         _show(self.dispatcher)
 
-    def _start(self, path: str | None = None) -> None:
+    def _start(self, path: str | None = None, detach: bool = False) -> None:
         if path is not None:
             self._load(path)
         d = self._current("start")
-        d.start()
+        d.start(detach=detach)
         _resync(d)
         print(_summary(d))
 
@@ -195,14 +204,19 @@ def _resync(d: Dispatcher) -> None:
     controller = registered(d)
     if controller is not None:
         controller.resync()
-        if d.running:
+        if d.running or d.running_elsewhere:
             controller.follow()
 
 
 def _summary(d: Dispatcher) -> str:
     p = d.progress
+    status: str = p.status
+    runner = d.runner
+    if runner is not None and not d.running:
+        how = "detached, " if runner.detached else ""
+        status = f"running elsewhere ({how}pid {runner.pid} on {runner.host})"
     line = (
-        f"{d.spec.name}: {p.status} · {p.done}/{p.total} done, {p.failed} failed, "
+        f"{d.spec.name}: {status} · {p.done}/{p.total} done, {p.failed} failed, "
         f"{p.running} running, {p.pending} pending"
     )
     if p.status in ("running", "stopping") and p.rate:
