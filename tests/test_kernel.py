@@ -337,6 +337,68 @@ def test_timer_updates_reach_iopub_as_the_displaying_cell(tmp_path: Path, kernel
     assert "running" in status_values
 
 
+def comm_updates(kernel: Kernel, model_id: str, since: int = 0) -> list[dict[str, Any]]:
+    """The state updates sent for one widget model (from iopub message ``since`` on)."""
+    return [
+        m
+        for m in kernel.iopub[since:]
+        if m["msg_type"] == "comm_msg"
+        and m["content"]["comm_id"] == model_id
+        and m["content"]["data"].get("method") == "update"
+    ]
+
+
+def during(kernel: Kernel, msg_id: str) -> tuple[int, int]:
+    """Indexes in kernel.iopub of the busy and idle status of the cell ``msg_id``."""
+    statuses = [
+        i
+        for i, m in enumerate(kernel.iopub)
+        if m["msg_type"] == "status" and m["parent_header"].get("msg_id") == msg_id
+    ]
+    return statuses[0], statuses[-1]
+
+
+CONTROLLER = "__import__('alma.notebook').notebook.controller_for(d)"
+
+
+@pytest.mark.timeout(120)
+def test_updates_flow_during_a_blocking_cell_after_the_controller_went_quiet(
+    tmp_path: Path, kernel: Kernel
+) -> None:
+    """The quickstart's resume cell, ``d.start(); d.join()``, run once the controller's
+    timer has ended: the controller still shows the run as it goes, says the kernel is
+    busy, and no button, display or cell end is needed to wake it."""
+    exp = write_experiment(tmp_path, instances=4, iterations=12, sleep=0.1)
+    kernel.run(f"import alma.experiment\nd = alma.experiment.load({str(exp)!r})\nd")
+    bar_id, status_id, busy_id = kernel.eval(
+        f"[{CONTROLLER}.bar.container.children[1].model_id, {CONTROLLER}.status_label.model_id,"
+        f" {CONTROLLER}.busy.model_id]"
+    )
+    quiet = "[t.name for t in __import__('threading').enumerate() if t.name == 'alma-controller']"
+    wait_for(lambda: kernel.eval(quiet) == [], timeout=30)  # the timer ended: gone quiet
+    blocking = kernel.run("d.start(); d.join()", timeout=90)
+    first, last = during(kernel, blocking)
+    inside = kernel.iopub[first:last]
+
+    values = [
+        m["content"]["data"]["state"]["value"]
+        for m in comm_updates(kernel, bar_id)
+        if m in inside and "value" in m["content"]["data"]["state"]
+    ]
+    assert len([v for v in values if 0 < v < 48]) >= 3, f"too few updates during the cell: {values}"
+    statuses = [m["content"]["data"]["state"].get("value") for m in comm_updates(kernel, status_id)]
+    assert "running" in statuses
+    notes = [
+        m["content"]["data"]["state"].get("value", "")
+        for m in comm_updates(kernel, busy_id)
+        if m in inside
+    ]
+    assert any("kernel busy: Stop acts when this cell ends" in n for n in notes), notes
+    # once the cell ended, the note goes and the display says finished
+    wait_for(lambda: kernel.eval(f"{CONTROLLER}.status_label.value") == "finished", timeout=10)
+    assert kernel.eval(f"{CONTROLLER}.busy.value") == ""
+
+
 @pytest.mark.parametrize("name", ["quickstart.ipynb", "magics.ipynb"])
 def test_notebooks_are_stored_without_outputs(name: str) -> None:
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)

@@ -20,6 +20,7 @@ from notebook_helpers import controller_threads, make_dispatcher, wait_for
 import alma.notebook
 import alma.notebook.registry
 from alma.notebook import controller as controller_mod
+from alma.notebook import watch
 from alma.notebook.controller import IDLE_GRACE, Controller, _instances_html
 
 # A run that checkpoints often: stop() interrupts it at its next save_callback.
@@ -226,7 +227,7 @@ def test_a_cell_that_starts_and_joins_refreshes_a_shown_controller(
     assert c.status_label.value == "idle"
     d.start()
     d.join(timeout=20)
-    controller_mod._after_cell()  # what IPython's post_run_cell event calls
+    watch._after_cell()  # what IPython's post_run_cell event calls
     wait_for(lambda: c.status_label.value == "finished")
 
 

@@ -29,13 +29,13 @@ import html
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import ipywidgets as widgets
 from tqdm.notebook import tqdm as tqdm_notebook
 
+from . import watch
 from .registry import open_controllers, register, touch, unregister
 from .shell import quiet_pauses
 
@@ -51,8 +51,12 @@ log = logging.getLogger(__name__)
 INTERVAL = 0.15
 #: Seconds between per-instance view refreshes while running (it reads a DataFrame).
 INSTANCES_INTERVAL = 0.5
-#: Seconds the timer keeps polling after the dispatcher went quiet, then it ends.
-IDLE_GRACE = 2.0
+#: Seconds the timer keeps polling after the dispatcher went quiet (see watch.py).
+IDLE_GRACE = watch.IDLE_GRACE
+#: A cell that has run this long while the experiment runs is a blocking one.
+BUSY_AFTER = 1.0
+#: What the controller says while a cell blocks the kernel (clicks wait for its end).
+BUSY_NOTE = "kernel busy: Stop acts when this cell ends, or interrupt the kernel to pause now"
 #: Above this many instances, one cell of the instance view stands for several.
 MAX_CELLS = 1500
 
@@ -85,7 +89,7 @@ class Controller(widgets.VBox):
         self.interval = max(float(interval), 0.1)  # at most ~10 redraws per second
         self._dispatcher: Dispatcher | None = dispatcher
         self._draw_lock = threading.RLock()
-        self._clock = _Timer()
+        self._clock = watch.Timer()
         self._stopper: threading.Thread | None = None
         self._message = ""
         self._ui_error_logged = False
@@ -107,20 +111,31 @@ class Controller(widgets.VBox):
         self.bar = _make_bar(dispatcher.spec.total)
         self.counts = _html("alma-counts")
         self.message = _html("alma-message")
+        self.busy = _html("alma-busy")
         self.error, self.error_text = _error_panel()
         self.instances = _html("alma-instances")
         header = widgets.HBox(
             [self.start_button, self.stop_button, widgets.HTML("status:"), self.status_label],
             layout=widgets.Layout(align_items="center"),
         )
-        parts = [self.bar.container, self.counts, self.message, self.error, self.instances]
+        parts = [
+            self.bar.container,
+            self.counts,
+            self.busy,
+            self.message,
+            self.error,
+            self.instances,
+        ]
         super().__init__(children=[self.heading, header, *parts])
         self.add_class("alma-controller")
 
         _retire_others(dispatcher)
         register(dispatcher, self)
-        _live.add(self)
-        _install_cell_hook()
+        shell = watch.current_shell()
+        watch.install(shell)  # follow the kernel's cells (a blocking one, their ends)
+        if shell is not None:
+            quiet_pauses(shell)  # an interrupted join() prints one line
+        watch.add(self)
         self.refresh()
         if dispatcher.running:
             self.follow()
@@ -193,6 +208,7 @@ class Controller(widgets.VBox):
             self.status_label,
             self.counts,
             self.message,
+            self.busy,
             self.error,
             self.error.layout,
             self.error_text,
@@ -280,6 +296,7 @@ class Controller(widgets.VBox):
                 self._draw_bar(p, status)
                 self.counts.value = _counts_html(p)
                 self.message.value = _message_html(self._message)
+                self.busy.value = _busy_html(status in ("running", "stopping"))
                 self._draw_error(d.last_error)
                 # Status and buttons last: once they say "finished", the rest says so too.
                 self.status_label.value = status
@@ -329,6 +346,17 @@ class Controller(widgets.VBox):
         except RuntimeError:  # context entered elsewhere (should not happen): draw plainly
             self._safe_redraw()
         return self._last_status in _ACTIVE or self._stopping()
+
+    def _needs_follow(self, after_cell: bool = False) -> bool:
+        """True when the timer sleeps but should redraw: the dispatcher runs (asked by
+        the watcher twice a second, so a blocking cell gets updates), or, at the end of
+        a cell, the cell changed what the display last showed."""
+        d = self._dispatcher
+        if d is None or self._clock.alive:
+            return False
+        if d.running:
+            return True
+        return after_cell and (self._last_status in _ACTIVE or d.status != self._last_status)
 
     def _retire(self) -> None:
         """A newer controller shows the same experiment: let go of the old dispatcher
@@ -470,6 +498,14 @@ def _message_html(message: str) -> str:
     return f"<span style='color:#b00020'>{html.escape(message)}</span>" if message else ""
 
 
+def _busy_html(active: bool) -> str:
+    """The note shown while a cell blocks the kernel and the experiment runs: clicks
+    are handled between cells, so Stop would only act once that cell ends."""
+    if not active or watch.cell_busy_for() < BUSY_AFTER:
+        return ""
+    return f"<i>{html.escape(BUSY_NOTE)}</i>"
+
+
 def _error_title(err: RunError) -> str:
     # The error first: a long instance path must not push it out of the title.
     where = f" (in {err.instance.rsplit('/', 1)[-1]} #{err.iteration})" if err.instance else ""
@@ -557,106 +593,3 @@ def _instances_html(
         "<div style='display:flex;flex-wrap:wrap;max-width:100%;margin-top:2px'>"
         f"{''.join(cells)}</div>"
     )
-
-
-# -- the timer -----------------------------------------------------------------------
-
-
-class _Timer:
-    """A controller's timer thread: :meth:`start` starts one (or wakes the live one), it
-    ends by itself after IDLE_GRACE quiet seconds, and :meth:`end` ends it for good."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.thread: threading.Thread | None = None
-        self.wake = threading.Event()
-        #: Set by end(): no thread starts again (the controller is closed or retired).
-        self.closed = False
-
-    def start(self, controller: Controller) -> None:
-        with self._lock:
-            if self.closed:
-                return
-            self.wake.set()
-            if self.thread is not None and self.thread.is_alive():
-                return
-            self.thread = threading.Thread(
-                target=_timer_loop,
-                args=(weakref.ref(controller), self),
-                name="alma-controller",
-                daemon=True,
-            )
-            self.thread.start()
-
-    def may_end(self) -> bool:
-        """Called by the thread when idle: end it unless someone just asked for it."""
-        with self._lock:
-            if self.wake.is_set():
-                return False
-            self.thread = None
-            return True
-
-    def end(self) -> None:
-        with self._lock:
-            self.closed = True
-            thread, self.thread = self.thread, None
-            self.wake.set()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=2)
-
-
-def _timer_loop(ref: weakref.ref[Controller], timer: _Timer) -> None:
-    """Redraw every ``interval`` while runs go on; end after IDLE_GRACE quiet seconds.
-
-    Holds the controller only weakly between ticks, so a dropped controller ends it.
-    """
-    quiet_since: float | None = None
-    while True:
-        c = ref()
-        if c is None or c.closed:
-            return
-        busy = c._tick()
-        interval = c.interval
-        if busy:
-            quiet_since = None
-        elif quiet_since is None:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since > IDLE_GRACE and timer.may_end():
-            return
-        del c
-        if timer.wake.wait(interval):
-            timer.wake.clear()
-            quiet_since = None
-
-
-# Live controllers, woken after every cell so that a dispatcher started from code
-# (``d.start()``) gets a moving display even though no button was clicked.
-_live: weakref.WeakSet[Controller] = weakref.WeakSet()
-_hooked: set[int] = set()
-
-
-def _install_cell_hook() -> None:
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return
-    shell = get_ipython()
-    if shell is None or id(shell) in _hooked:
-        return
-    _hooked.add(id(shell))
-    shell.events.register("post_run_cell", _after_cell)
-    quiet_pauses(shell)
-
-
-def _after_cell(*_args: Any) -> None:
-    for c in list(_live):
-        try:
-            d = c.dispatcher
-            if d is None or c.closed:
-                continue
-            # Also redraw when a cell changed the state without the timer running, e.g.
-            # `d.start(); d.join()` in a later cell leaves a shown controller otherwise stale.
-            if d.running or c._last_status in _ACTIVE or d.status != c._last_status:
-                c.follow()
-        except Exception:  # never let a UI problem surface in the user's cell
-            log.debug("alma controller: waking the timer failed", exc_info=True)
