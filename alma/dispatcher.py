@@ -25,7 +25,7 @@ from .errors import AlmaError, ConfigError, Paused
 from .executors import executor_class
 from .lock import ExperimentLock
 from .plan import Tally
-from .records import RunError, Status
+from .records import ErrorGroup, InFlight, RunError, Status
 from .session import Session, SessionClock, SessionHooks
 from .spec import Spec
 from .store import Store
@@ -265,6 +265,22 @@ class Dispatcher:
         frame["pending"] = self.spec.iterations - frame[["done", "failed", "running"]].sum(axis=1)
         frame["iterations"] = self.spec.iterations
         return frame
+
+    @property
+    def failures(self) -> list[ErrorGroup]:
+        """Failed runs grouped by error (type and message), most frequent first, each
+        with an example run and its traceback: what went wrong at a glance, read from the
+        state file (so failures of earlier sessions count too)."""
+        return self._store.error_groups()
+
+    @property
+    def in_flight(self) -> list[InFlight]:
+        """The runs executing now, oldest first, with when each started and last
+        saved a checkpoint (empty when no session runs in this process)."""
+        session = self._session
+        tasks = session.in_flight() if session is not None else []
+        runs = [InFlight(t.instance, t.iteration, t.started, t.checkpointed) for t in tasks]
+        return sorted(runs, key=lambda r: r.started)
 
     def retry_failed(self) -> int:
         """Forget failed runs so they are owed again; returns how many. A running

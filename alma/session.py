@@ -255,6 +255,7 @@ class Session:
                     self.spec.paths[pos],
                     it,
                     self._checkpoints.get(key),
+                    time.time(),
                 )
                 self._inflight[key] = task
                 return task
@@ -299,6 +300,9 @@ class Session:
             CheckpointRecord(key.instance, key.iteration, text, time.time())
         )
         self._checkpoints[key] = text
+        running = self._inflight.get(key)  # executors may hand back a copy of the task
+        if running is not None:
+            running.checkpointed = time.time()
         if self.stopping:
             raise Interrupted(f"{task.instance} iteration {task.iteration}: stopped")
 

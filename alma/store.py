@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import StateError
-from .records import DONE, FAILED, CheckpointRecord, RunKey, RunRecord
+from .records import DONE, FAILED, CheckpointRecord, ErrorGroup, RunKey, RunRecord
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -217,6 +217,21 @@ class Store:
         with self._reading() as db:
             row = db.execute("SELECT code FROM sessions ORDER BY id DESC LIMIT 1").fetchone()
         return None if row is None else row[0]
+
+    def error_groups(self) -> list[ErrorGroup]:
+        """Failed runs grouped by their error, most frequent first; each with the first
+        one to fail (SQLite takes bare columns from the row of the MIN())."""
+        if not self.exists():
+            return []
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT COALESCE(r.error, ''), COUNT(*), i.name, r.iteration,"
+                " COALESCE(r.traceback, ''), MIN(r.finished) FROM runs r"
+                " JOIN instances i ON i.id = r.instance WHERE r.status = ?"
+                " GROUP BY r.error ORDER BY COUNT(*) DESC, MIN(r.finished)",
+                (FAILED,),
+            ).fetchall()
+        return [ErrorGroup(e, n, name, it, tb) for e, n, name, it, tb, _ in rows]
 
     def results_frame(self) -> pd.DataFrame:
         """One row per finished run; a dict result becomes one column per key."""

@@ -51,6 +51,11 @@ def failing_run(instance: str, save_callback: Any, state: Any, iteration: int) -
     return {"value": iteration}
 
 
+def bar_text(c: Controller) -> str:
+    """The text right of the bar, as read (tqdm pads it with figure spaces)."""
+    return str(c.bar.container.children[2].value).replace("\u2007", " ")
+
+
 @pytest.fixture
 def cleanup() -> Any:
     made: list[Any] = []
@@ -158,21 +163,115 @@ def test_start_error_is_shown_not_raised(
     assert "another process" in c.message.value
 
 
-def test_last_error_behind_a_toggle(tmp_path: Path, cleanup: list[Any]) -> None:
+def test_failures_grouped_behind_a_toggle_in_a_warning_style(
+    tmp_path: Path, cleanup: list[Any]
+) -> None:
     d = make_dispatcher(tmp_path, failing_run, instances=3, iterations=2)
     c = Controller(d)
     cleanup += [c, d]
     assert c.error.layout.display == "none"
+    assert c.retry_button.disabled  # nothing failed yet
     c.start_button.click()
     d.join(timeout=20)
     wait_for(lambda: c.status_label.value == "finished", timeout=5)
     assert c.error.layout.display != "none"
     assert c.error.selected_index is None  # folded until the user opens it
-    assert "bad input in f0001.txt" in c.error.titles[0]
-    assert "Traceback" in c.error_text.value and "ValueError" in c.error_text.value
+    assert c.error.titles[0] == "Errors: 2 failed runs (1 kind)"
+    panel = c.error_text.value
+    assert panel.count("alma-error-group") == 1  # two runs, one kind of error
+    assert "<b>2</b>" in panel and "ValueError: bad input in f0001.txt" in panel
+    assert "e.g. " in panel and "f0001.txt #0" in panel
+    assert "<details>" in panel and "Traceback" in panel  # behind a toggle
     assert "failed <b>2</b>" in c.counts.value
-    assert c.bar.container.children[1].bar_style == "danger"
+    # a few failed runs are a warning, not the red bar of a crash
+    assert c.bar.container.children[1].bar_style == "warning"
+    assert "2 failed" in bar_text(c)
     assert c.instances.value.count("alma-cell-failing") == 1
+    assert not c.retry_button.disabled
+
+
+def test_retry_failed_runs_them_again(tmp_path: Path, cleanup: list[Any]) -> None:
+    d = make_dispatcher(tmp_path, failing_run, instances=3, iterations=2)
+    c = Controller(d)
+    cleanup += [c, d]
+    d.start()
+    assert d.join(timeout=20) is True
+    c.refresh()
+    assert d.progress.failed == 2
+    c.retry_button.click()  # forgets them and starts: they fail again, once each
+    assert d.join(timeout=20) is True
+    wait_for(lambda: c.status_label.value == "finished", timeout=5)
+    assert "2 failed runs will run again." in c.busy.value
+    runs = d.results
+    assert len(runs) == 6 and (runs["attempts"] == 1).all()
+    assert sorted(runs[runs["status"] == "failed"]["iteration"]) == [0, 1]
+
+
+def test_a_halted_session_is_the_only_red_bar(tmp_path: Path, cleanup: list[Any]) -> None:
+    from alma.errors import StateError
+
+    d = make_dispatcher(tmp_path, quick_run, instances=2, iterations=1)
+    c = Controller(d)
+    cleanup += [c, d]
+    d.start()
+    assert d.join(timeout=20)
+    # what a failed write leaves: the session's reason and the error front-ends show
+    d._halted = StateError("State file x.sqlite: saving failed (disk full).")
+    d.last_error = alma.RunError("", -1, str(d._halted), "")
+    c.refresh()
+    assert c.bar.container.children[1].bar_style == "danger"
+    assert c.error.titles[0].startswith("Stopped by an error: State file x.sqlite")
+
+
+def test_finished_shows_this_sessions_time_and_rate(tmp_path: Path, cleanup: list[Any]) -> None:
+    d = make_dispatcher(tmp_path, quick_run, instances=3, iterations=4)
+    c = Controller(d)
+    cleanup += [c, d]
+    assert "run/s" not in bar_text(c)  # no session yet: counts only
+    d.start()
+    assert d.join(timeout=20)
+    c.refresh()
+    text = bar_text(c)
+    assert "12/12" in text and "this session" in text
+    rate = d.progress.rate
+    assert rate and "?" not in text and "run/s" in text
+
+
+def test_a_resumed_session_shows_its_own_numbers(tmp_path: Path, cleanup: list[Any]) -> None:
+    d = make_dispatcher(tmp_path, slow_run, instances=2, iterations=2, workers=2)
+    d.start()
+    wait_for(lambda: d.progress.done >= 2, timeout=20)
+    d.stop()
+    d.close()
+    d = make_dispatcher(tmp_path, slow_run, instances=2, iterations=2, workers=2)
+    c = Controller(d)
+    cleanup += [c, d]
+    shown = bar_text(c)
+    assert "this session" not in shown and "run/s" not in shown  # none in this process
+    d.start()
+    assert d.join(timeout=20)
+    c.refresh()
+    p = d.progress
+    assert p.elapsed < 5  # this session's clock, not the first one's
+    assert "this session" in bar_text(c)
+
+
+def test_running_now_is_folded_and_lists_runs_in_flight(tmp_path: Path, cleanup: list[Any]) -> None:
+    d = make_dispatcher(tmp_path, gated_run, instances=2, iterations=1, workers=2)
+    c = Controller(d)
+    cleanup += [c, d]
+    assert c.running_now.selected_index is None
+    c.start_button.click()
+    wait_for(lambda: d.progress.running == 2, timeout=10)
+    c.refresh()
+    assert c.running_now.titles[0] == "Running now (2)"
+    assert c.running_text.value == ""  # folded: not even read
+    c.running_now.selected_index = 0  # the user unfolds it: drawn at once
+    table = c.running_text.value
+    assert "f0000.txt" in table and "f0001.txt" in table and "#0" in table
+    assert "running for" in table
+    GATE.set()
+    assert d.join(timeout=20)
 
 
 def test_ui_error_never_reaches_the_engine(

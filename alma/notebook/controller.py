@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import ipywidgets as widgets
 from tqdm.notebook import tqdm as tqdm_notebook
 
-from . import watch
+from . import render, watch
 from .registry import open_controllers, register, touch, unregister
 from .shell import quiet_pauses
 
@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 INTERVAL = 0.15
 #: Seconds between per-instance view refreshes while running (it reads a DataFrame).
 INSTANCES_INTERVAL = 0.5
+#: Seconds between readings of the grouped failures while more keep coming (a query).
+ERRORS_INTERVAL = 2.0
 #: Seconds the timer keeps polling after the dispatcher went quiet (see watch.py).
 IDLE_GRACE = watch.IDLE_GRACE
 #: A cell that has run this long while the experiment runs is a blocking one.
@@ -64,14 +66,7 @@ MAX_CELLS = 1500
 ELSEWHERE = "running elsewhere"
 _ACTIVE = ("running", "stopping", ELSEWHERE)
 
-# Per-instance colours: (css class suffix, colour, legend label).
-_KINDS = {
-    "failing": ("#d9534f", "failing"),
-    "running": ("#3b82c4", "running"),
-    "complete": ("#2e7d32", "all done"),
-    "partial": ("#9ccc65", "partly done"),
-    "untouched": ("#d6d6d6", "untouched"),
-}
+_KINDS = render.KINDS
 # When one cell stands for several instances, the most telling status wins.
 _RANK = {"failing": 4, "running": 3, "partial": 2, "complete": 1, "untouched": 0}
 
@@ -92,6 +87,7 @@ class Controller(widgets.VBox):
         self._clock = watch.Timer()
         self._stopper: threading.Thread | None = None
         self._message = ""
+        self._note = ""
         self._ui_error_logged = False
         #: How many redraws raised (each is logged once, then ignored).
         self.ui_errors = 0
@@ -100,22 +96,33 @@ class Controller(widgets.VBox):
         self._context = contextvars.copy_context()
         self._instances_key: Any = None
         self._instances_at = 0.0
+        self._errors_key: Any = None
+        self._errors_at = 0.0
         self._last_status = ""
 
         name = html.escape(dispatcher.spec.name)
         self.heading = _html("alma-title", f"<b>alma</b> · {name}")
-        self.start_button, self.stop_button = _buttons()
+        self.start_button, self.stop_button, self.retry_button = _buttons()
         self.start_button.on_click(self._on_start)
         self.stop_button.on_click(self._on_stop)
+        self.retry_button.on_click(self._on_retry)
         self.status_label = _styled(widgets.Label(value=""), "alma-status")
         self.bar = _make_bar(dispatcher.spec.total)
         self.counts = _html("alma-counts")
         self.message = _html("alma-message")
         self.busy = _html("alma-busy")
-        self.error, self.error_text = _error_panel()
+        self.error, self.error_text = _folded("alma-error", hidden=True)
+        self.running_now, self.running_text = _folded("alma-running-now")
+        self.running_now.observe(lambda _change: self.refresh(), names="selected_index")
         self.instances = _html("alma-instances")
         header = widgets.HBox(
-            [self.start_button, self.stop_button, widgets.HTML("status:"), self.status_label],
+            [
+                self.start_button,
+                self.stop_button,
+                self.retry_button,
+                widgets.HTML("status:"),
+                self.status_label,
+            ],
             layout=widgets.Layout(align_items="center"),
         )
         parts = [
@@ -124,6 +131,7 @@ class Controller(widgets.VBox):
             self.busy,
             self.message,
             self.error,
+            self.running_now,
             self.instances,
         ]
         super().__init__(children=[self.heading, header, *parts])
@@ -205,6 +213,7 @@ class Controller(widgets.VBox):
         parts = [
             self.start_button,
             self.stop_button,
+            self.retry_button,
             self.status_label,
             self.counts,
             self.message,
@@ -212,6 +221,8 @@ class Controller(widgets.VBox):
             self.error,
             self.error.layout,
             self.error_text,
+            self.running_now,
+            self.running_text,
             self.instances,
             *self.bar.container.children,  # text, bar, text
         ]
@@ -227,7 +238,7 @@ class Controller(widgets.VBox):
         d = self._dispatcher
         if d is None:
             return
-        self._message = ""
+        self._message = self._note = ""
         try:
             d.start()  # returns at once; opening the session is a few milliseconds
         except Exception as exc:  # e.g. LockedError: show it, keep the kernel happy
@@ -239,12 +250,28 @@ class Controller(widgets.VBox):
         d = self._dispatcher
         if d is None or self._stopping():
             return
-        self._message = ""
+        self._message = self._note = ""
         # stop() waits for in-flight runs to wind down: never in the kernel's thread.
         self._stopper = threading.Thread(
             target=self._stop_in_background, args=(d,), name="alma-stop", daemon=True
         )
         self._stopper.start()
+        self.refresh()
+        self.follow()
+
+    def _on_retry(self, _button: Any = None) -> None:
+        d = self._dispatcher
+        if d is None:
+            return
+        try:
+            n = d.retry_failed()  # a few milliseconds: one deletion through the writer
+            if not d.running:
+                d.start()
+            self._message = ""
+            self._errors_key = None  # read the failures again now
+            self._note = f"{n} failed run{'s' if n != 1 else ''} will run again."
+        except Exception as exc:  # e.g. LockedError
+            self._message = f"Could not retry: {exc}"
         self.refresh()
         self.follow()
 
@@ -292,27 +319,50 @@ class Controller(widgets.VBox):
             if force or changed or now - self._instances_at >= INSTANCES_INTERVAL:
                 self._instances_at = now
                 self._draw_instances(d)
+            halted = d.last_error if d.halted is not None else None
             with self.hold_sync():
-                self._draw_bar(p, status)
-                self.counts.value = _counts_html(p)
-                self.message.value = _message_html(self._message)
-                self.busy.value = _busy_html(status in ("running", "stopping"))
-                self._draw_error(d.last_error)
+                self._draw_bar(p, status, halted is not None)
+                self.counts.value = render.counts_html(p)
+                self.message.value = render.message_html(self._message)
+                self.busy.value = render.busy_html(_busy_note(status) or self._note)
+                self._draw_errors(d, p, halted, now)
+                self._draw_running(d, p)
                 # Status and buttons last: once they say "finished", the rest says so too.
                 self.status_label.value = status
-                self.start_button.disabled = status not in ("idle", "paused")
-                self.stop_button.disabled = status != "running"
+                self._set_buttons(status, p)
 
-    def _draw_bar(self, p: Progress, status: str) -> None:
-        self.bar.show(p, status)
+    def _set_buttons(self, status: str, p: Progress) -> None:
+        """Which buttons can act now: the one place that decides it."""
+        self.start_button.disabled = status not in ("idle", "paused")
+        self.stop_button.disabled = status != "running"
+        self.retry_button.disabled = not p.failed or status in ("stopping", ELSEWHERE)
 
-    def _draw_error(self, err: RunError | None) -> None:
-        if err is None:
+    def _draw_bar(self, p: Progress, status: str, halted: bool = False) -> None:
+        self.bar.show(p, status, halted)
+
+    def _draw_errors(self, d: Dispatcher, p: Progress, halted: RunError | None, now: float) -> None:
+        """The folded error panel: failures grouped by error, read from the state file
+        when the failed count changed (at most every ERRORS_INTERVAL while it grows)."""
+        key = (p.failed, halted)
+        if key == self._errors_key:
+            return
+        recent = self._errors_key is not None and now - self._errors_at < ERRORS_INTERVAL
+        if recent and self._errors_key[0] and p.failed:  # more of the same: catch up later
+            return
+        self._errors_key, self._errors_at = key, now
+        if not p.failed and halted is None:
             self.error.layout.display = "none"
             return
-        self.error.titles = (_error_title(err),)
-        self.error_text.value = _error_html(err)
+        groups = d.failures if p.failed else []
+        self.error.titles = (render.errors_title(p.failed, len(groups), halted),)
+        self.error_text.value = render.errors_html(groups, halted)
         self.error.layout.display = ""
+
+    def _draw_running(self, d: Dispatcher, p: Progress) -> None:
+        """The folded list of runs in flight: only its title costs while folded."""
+        self.running_now.titles = (f"Running now ({p.running})",)
+        if self.running_now.selected_index == 0:
+            self.running_text.value = render.running_html(d.in_flight)
 
     def _draw_instances(self, d: Dispatcher) -> None:
         frame = d.state
@@ -367,6 +417,7 @@ class Controller(widgets.VBox):
             try:
                 self.start_button.disabled = True
                 self.stop_button.disabled = True
+                self.retry_button.disabled = True
                 self.status_label.value = "replaced"
                 self.message.value = (
                     "<i>This experiment was loaded again; the newer controller is live.</i>"
@@ -402,18 +453,33 @@ def _html(css_class: str, value: str = "") -> widgets.HTML:
     return _styled(widgets.HTML(value), css_class)
 
 
-def _buttons() -> tuple[widgets.Button, widgets.Button]:
-    """Start and Stop."""
-    start = widgets.Button(
-        description="Start", icon="play", button_style="success", tooltip="Start or resume"
-    )
+def _buttons() -> tuple[widgets.Button, widgets.Button, widgets.Button]:
+    """Start, Stop and Retry failed, in the theme's own button colours (ipywidgets'
+    coloured styles put white text on light green or orange: too little contrast)."""
+    start = widgets.Button(description="Start", icon="play", tooltip="Start or resume")
     stop = widgets.Button(
         description="Stop",
         icon="stop",
-        button_style="warning",
         tooltip="Pause: no new runs, in-flight runs end and are saved",
     )
-    return _styled(start, "alma-start"), _styled(stop, "alma-stop")
+    retry = widgets.Button(
+        description="Retry failed",
+        icon="redo",
+        tooltip="Forget the failed runs and run them again",
+    )
+    return (
+        _styled(start, "alma-start"),
+        _styled(stop, "alma-stop"),
+        _styled(retry, "alma-retry"),
+    )
+
+
+def _busy_note(status: str) -> str:
+    """What to say while a cell blocks the kernel and the experiment runs: clicks are
+    handled between cells, so Stop would only act once that cell ends."""
+    if status not in ("running", "stopping") or watch.cell_busy_for() < BUSY_AFTER:
+        return ""
+    return BUSY_NOTE
 
 
 def _make_bar(total: int) -> _Bar:
@@ -424,14 +490,15 @@ def _make_bar(total: int) -> _Bar:
     return bar
 
 
-def _error_panel() -> tuple[widgets.Accordion, widgets.HTML]:
-    """The last error: a folded accordion (hidden while there is none) and its text."""
+def _folded(css_class: str, hidden: bool = False) -> tuple[widgets.Accordion, widgets.HTML]:
+    """A folded one-section accordion and the HTML inside it."""
     text = widgets.HTML()
-    error = widgets.Accordion(children=[text])
-    error.selected_index = None  # the traceback stays folded until asked for
-    error.layout.display = "none"
-    error.add_class("alma-error")
-    return error, text
+    section = widgets.Accordion(children=[text])
+    section.selected_index = None  # folded until asked for
+    if hidden:
+        section.layout.display = "none"
+    section.add_class(css_class)
+    return section, text
 
 
 def _close_all(children: Iterable[widgets.Widget]) -> None:
@@ -448,14 +515,18 @@ def _close_all(children: Iterable[widgets.Widget]) -> None:
 
 class _Bar(tqdm_notebook):  # type: ignore[misc]
     """tqdm's notebook bar fed from a dispatcher snapshot instead of update() calls, so
-    rate and ETA are the dispatcher's own (this session's runs only)."""
+    elapsed time, rate and ETA are the dispatcher's own: this session's, frozen when it
+    ended (a resumed experiment does not show the previous session's numbers)."""
 
     monitor_interval = 0  # no tqdm monitor thread: our timer drives every redraw
 
+    #: Once this session's clock stopped (paused, finished): its time and rate, no ETA.
+    ENDED = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed} this session, {rate_fmt}{postfix}]"
+    #: No session in this process (loaded finished, or run elsewhere): counts only.
+    COUNTS = "{l_bar}{bar}| {n_fmt}/{total_fmt}{postfix}"
+
     snapshot: tuple[int, int, float, float | None] | None = None
-    # Elapsed time and rate as of the last redraw while active: the clock stops after.
-    frozen_elapsed = 0.0
-    frozen_rate: float | None = None
+    bar_format: str | None
 
     @property
     def format_dict(self) -> dict[str, Any]:
@@ -466,23 +537,26 @@ class _Bar(tqdm_notebook):  # type: ignore[misc]
             d.update(n=n, total=total, elapsed=elapsed, rate=rate, initial=n)
         return d
 
-    def show(self, p: Progress, status: str) -> None:
-        """Draw ``p`` as seen by a controller whose status is ``status``."""
-        if status in _ACTIVE:
-            self.frozen_elapsed, self.frozen_rate = p.elapsed, p.rate
-            rate = p.rate
-        elif status == "finished":  # the clock stops; the session's rate stays of interest
-            rate = self.frozen_rate
-        else:  # paused or idle: the clock stops, and a rate (with its ETA) would mislead
-            rate = None
-        self.snapshot = (p.finished, p.total, self.frozen_elapsed, rate)
+    def show(self, p: Progress, status: str, halted: bool = False) -> None:
+        """Draw ``p`` as seen by a controller whose status is ``status``; ``halted``: the
+        session stopped because alma's own machinery failed (the only red bar)."""
+        if status == ELSEWHERE or not p.elapsed:
+            self.bar_format = self.COUNTS
+        elif status in _ACTIVE:
+            self.bar_format = None  # tqdm's own: elapsed<remaining, rate
+        else:
+            self.bar_format = self.ENDED
+        self.snapshot = (p.finished, p.total, p.elapsed, p.rate)
+        self.postfix = f"{p.failed} failed" if p.failed else None
         self.n = p.finished
         pbar = self.container.children[1]
         if pbar.max != p.total:
             pbar.max = p.total
             self.total = p.total
-        if p.failed:
+        if halted:
             style = "danger"
+        elif p.failed:
+            style = "warning"  # some runs failed; the experiment itself is fine
         elif status == "finished":
             style = "success"
         else:
@@ -492,47 +566,6 @@ class _Bar(tqdm_notebook):  # type: ignore[misc]
 
 
 # -- drawing -------------------------------------------------------------------------
-
-
-def _message_html(message: str) -> str:
-    return f"<span style='color:#b00020'>{html.escape(message)}</span>" if message else ""
-
-
-def _busy_html(active: bool) -> str:
-    """The note shown while a cell blocks the kernel and the experiment runs: clicks
-    are handled between cells, so Stop would only act once that cell ends."""
-    if not active or watch.cell_busy_for() < BUSY_AFTER:
-        return ""
-    return f"<i>{html.escape(BUSY_NOTE)}</i>"
-
-
-def _error_title(err: RunError) -> str:
-    # The error first: a long instance path must not push it out of the title.
-    where = f" (in {err.instance.rsplit('/', 1)[-1]} #{err.iteration})" if err.instance else ""
-    title = f"Last error: {err.error}"
-    if len(title) > 140:
-        title = title[:139] + "…"
-    return title + where
-
-
-def _error_html(err: RunError) -> str:
-    return (
-        "<pre style='white-space:pre-wrap;font-size:11px;margin:0'>"
-        f"{html.escape(err.traceback or err.error)}</pre>"
-    )
-
-
-def _counts_html(p: Progress) -> str:
-    parts = [
-        ("done", p.done, "#2e7d32"),
-        ("failed", p.failed, "#d9534f" if p.failed else "#555"),
-        ("running", p.running, "#3b82c4"),
-        ("pending", p.pending, "#555"),
-    ]
-    spans = " · ".join(
-        f"<span class='alma-count-{k}' style='color:{c}'>{k} <b>{v}</b></span>" for k, v, c in parts
-    )
-    return f"<span style='font-family:monospace'>{spans} · total <b>{p.total}</b></span>"
 
 
 def _kind(done: int, failed: int, running: int, iterations: int) -> str:
@@ -589,7 +622,7 @@ def _instances_html(
     )
     unit = f" (one cell = {per_cell} instances)" if per_cell > 1 else ""
     return (
-        f"<div style='font-size:11px;color:#444'>instances: {n}{unit} · {legend}</div>"
+        f"<div style='font-size:11px;color:{render.TEXT}'>instances: {n}{unit} · {legend}</div>"
         "<div style='display:flex;flex-wrap:wrap;max-width:100%;margin-top:2px'>"
         f"{''.join(cells)}</div>"
     )
