@@ -134,7 +134,8 @@ class Controller(widgets.VBox):
             self.running_now,
             self.instances,
         ]
-        super().__init__(children=[self.heading, header, *parts])
+        self.style_sheet = _html("alma-style", render.STYLE)
+        super().__init__(children=[self.style_sheet, self.heading, header, *parts])
         self.add_class("alma-controller")
 
         _retire_others(dispatcher)

@@ -40,6 +40,21 @@ KINDS = {
 }
 
 
+#: One stylesheet for the whole controller, sent once (an HTML widget's ``<style>``
+#: applies to the page): JupyterLab draws folded accordion titles in a lighter colour
+#: than 4.5:1 allows, and the instance strip's cells take their look from classes here
+#: instead of repeating it per cell.
+STYLE = f"""<style>
+.alma-controller .lm-AccordionPanel-title, .alma-controller .jupyter-widget-Collapse-header
+  {{ color: {TEXT}; }}
+.alma-controller .alma-cells {{ display: flex; flex-wrap: wrap; max-width: 100%; }}
+.alma-controller .alma-chunk, .alma-controller .alma-chunk > .widget-html-content
+  {{ display: contents; }}
+.alma-controller .alma-cell {{ width: 10px; height: 10px; margin: 1px; border-radius: 2px; }}
+{"".join(f".alma-controller .alma-cell-{k} {{ background: {c}; }}" for k, (c, _) in KINDS.items())}
+</style>"""
+
+
 def swatch(color: str, size: int = 10) -> str:
     return (
         f"<span style='display:inline-block;width:{size}px;height:{size}px;"
