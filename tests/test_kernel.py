@@ -214,8 +214,8 @@ def test_quickstart_notebook_runs_headless(tmp_path: Path) -> None:
     assert (bar["value"], bar["max"]) == (360, 360)
     (counts,) = models(nb, "HTMLModel", "alma-counts")
     assert "done <b>360</b>" in counts["value"]
-    (cells,) = models(nb, "HTMLModel", "alma-instances")
-    assert cells["value"].count("alma-cell-complete") == 12
+    cells = "".join(m["value"] for m in models(nb, "HTMLModel", "alma-chunk"))
+    assert cells.count("alma-cell-complete") == 12
 
 
 @pytest.mark.timeout(180)
@@ -397,6 +397,46 @@ def test_updates_flow_during_a_blocking_cell_after_the_controller_went_quiet(
     # once the cell ended, the note goes and the display says finished
     wait_for(lambda: kernel.eval(f"{CONTROLLER}.status_label.value") == "finished", timeout=10)
     assert kernel.eval(f"{CONTROLLER}.busy.value") == ""
+
+
+def iopub_bytes(messages: list[dict[str, Any]]) -> int:
+    """Bytes of messages as they travel: header, parent header, metadata, content."""
+    parts = ("header", "parent_header", "metadata", "content")
+    return sum(len(json.dumps([m.get(k) for k in parts], default=str)) for m in messages)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_iopub_traffic_at_3000_files_while_running(tmp_path: Path, kernel: Kernel) -> None:
+    """The controller of a 3,000-file experiment, running at several hundred runs a
+    second: what it sends the browser (every iopub message while a cell sleeps) stays
+    under 20 KB/s, while the strip still shows the runs going on."""
+    exp = write_experiment(tmp_path, instances=3000, iterations=3, sleep=0.003)
+    kernel.run(f"import alma.experiment\nd = alma.experiment.load({str(exp)!r})\nd", 120)
+    kernel.run("d.start()")
+    wait_for(lambda: kernel.eval("d.progress.done") > 200, timeout=60)
+    window = kernel.run("import time\nt0 = time.monotonic(); time.sleep(8); t1 = time.monotonic()")
+    seconds = kernel.eval("t1 - t0")
+    done = kernel.eval("[d.progress.done, d.status]")
+    first, last = during(kernel, window)
+    sent = [m for m in kernel.iopub[first + 1 : last] if m["msg_type"] == "comm_msg"]
+    rate = iopub_bytes(sent) / seconds
+    by_model: dict[str, int] = {}
+    for m in sent:
+        comm = m["content"]["comm_id"]
+        by_model[comm] = by_model.get(comm, 0) + iopub_bytes([m])
+    names = kernel.eval(
+        "{k: type(w).__name__ + '.'.join(['', *getattr(w, '_dom_classes', ())])"
+        " for k, w in __import__('ipywidgets').widgets.widget._instances.items()}"
+    )
+    top = sorted(by_model.items(), key=lambda kv: -kv[1])[:6]
+    print(f"iopub at 3,000 files, running: {rate / 1000:.1f} KB/s ({len(sent)} messages):")
+    print(", ".join(f"{names.get(k, k)} {v / seconds / 1000:.1f} KB/s" for k, v in top))
+    assert done[1] == "running", "the experiment ended before the window closed"
+    strip = kernel.eval(f"[w.model_id for w in {CONTROLLER}.instances.parts]")
+    assert [m for m in sent if m["content"]["comm_id"] in strip[2:]], "the strip stood still"
+    assert rate < 20_000, f"{rate / 1000:.1f} KB/s of iopub traffic"
+    kernel.run("d.stop()", timeout=60)
 
 
 @pytest.mark.parametrize("name", ["quickstart.ipynb", "magics.ipynb"])

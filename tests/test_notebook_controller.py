@@ -20,8 +20,8 @@ from notebook_helpers import controller_threads, make_dispatcher, wait_for
 import alma.notebook
 import alma.notebook.registry
 from alma.notebook import controller as controller_mod
-from alma.notebook import watch
-from alma.notebook.controller import IDLE_GRACE, Controller, _instances_html
+from alma.notebook import strip, watch
+from alma.notebook.controller import IDLE_GRACE, Controller
 
 # A run that checkpoints often: stop() interrupts it at its next save_callback.
 GATE = threading.Event()
@@ -105,7 +105,7 @@ def test_start_button_runs_to_finished(tmp_path: Path, cleanup: list[Any]) -> No
     assert pbar.bar_style == "success"
     assert c.start_button.disabled and c.stop_button.disabled
     assert "done <b>20</b>" in c.counts.value
-    assert c.instances.value.count("alma-cell-complete") == 4
+    assert c.instances.html.count("alma-cell-complete") == 4
 
 
 def test_stop_button_does_not_block_and_shows_stopping(tmp_path: Path, cleanup: list[Any]) -> None:
@@ -186,7 +186,7 @@ def test_failures_grouped_behind_a_toggle_in_a_warning_style(
     # a few failed runs are a warning, not the red bar of a crash
     assert c.bar.container.children[1].bar_style == "warning"
     assert "2 failed" in bar_text(c)
-    assert c.instances.value.count("alma-cell-failing") == 1
+    assert c.instances.html.count("alma-cell-failing") == 1
     assert not c.retry_button.disabled
 
 
@@ -413,7 +413,8 @@ def test_instance_strip_reads_at_a_glance_for_many_files() -> None:
     done = [30 if i < 50 else 10 if i < 100 else 0 for i in range(n)]
     failed = [1 if i == 7 else 0 for i in range(n)]
     running = [1 if 100 <= i < 103 else 0 for i in range(n)]
-    page = _instances_html(names, done, failed, running, [30] * n)
+    legend, cells = strip.picture(names, done, failed, running, [30] * n)
+    page = legend + "".join(cells)
     assert page.count("class='alma-cell ") == n
     assert page.count("alma-cell-complete") == 49
     assert page.count("alma-cell-failing") == 1
@@ -425,11 +426,12 @@ def test_instance_strip_reads_at_a_glance_for_many_files() -> None:
 
 
 def test_instance_strip_groups_huge_batches() -> None:
-    n = controller_mod.MAX_CELLS * 4 + 1
-    page = _instances_html(
+    n = strip.MAX_CELLS * 4 + 1
+    legend, cells = strip.picture(
         [str(i) for i in range(n)], [0] * n, [0] * (n - 1) + [1], [0] * n, [1] * n
     )
-    assert page.count("class='alma-cell ") <= controller_mod.MAX_CELLS
+    page = legend + "".join(cells)
+    assert page.count("class='alma-cell ") <= strip.MAX_CELLS
     assert "one cell = 5 instances" in page
     assert page.count("alma-cell-failing") == 1  # a failure stays visible when grouped
 

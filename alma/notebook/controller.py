@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import ipywidgets as widgets
 from tqdm.notebook import tqdm as tqdm_notebook
 
-from . import render, watch
+from . import render, strip, watch
 from .registry import open_controllers, register, touch, unregister
 from .shell import quiet_pauses
 
@@ -47,9 +47,11 @@ __all__ = ["Controller"]
 
 log = logging.getLogger(__name__)
 
-#: Seconds between redraws while runs go on (about 7 per second).
-INTERVAL = 0.15
-#: Seconds between per-instance view refreshes while running (it reads a DataFrame).
+#: Seconds between redraws while runs go on (4 per second: each redraw sends a few
+#: comm messages of ~0.7 KB, mostly headers; see docs/notebook.md for the traffic).
+INTERVAL = 0.25
+#: Seconds between refreshes of the counts and the per-instance view while running (the
+#: view reads a DataFrame).
 INSTANCES_INTERVAL = 0.5
 #: Seconds between readings of the grouped failures while more keep coming (a query).
 ERRORS_INTERVAL = 2.0
@@ -59,16 +61,10 @@ IDLE_GRACE = watch.IDLE_GRACE
 BUSY_AFTER = 1.0
 #: What the controller says while a cell blocks the kernel (clicks wait for its end).
 BUSY_NOTE = "kernel busy: Stop acts when this cell ends, or interrupt the kernel to pause now"
-#: Above this many instances, one cell of the instance view stands for several.
-MAX_CELLS = 1500
 
 #: Shown while another process or kernel runs the experiment: this view only watches.
 ELSEWHERE = "running elsewhere"
 _ACTIVE = ("running", "stopping", ELSEWHERE)
-
-_KINDS = render.KINDS
-# When one cell stands for several instances, the most telling status wins.
-_RANK = {"failing": 4, "running": 3, "partial": 2, "complete": 1, "untouched": 0}
 
 
 class Controller(widgets.VBox):
@@ -95,6 +91,7 @@ class Controller(widgets.VBox):
         # (ipykernel 7 routes a comm message by it; see the module docstring).
         self._context = contextvars.copy_context()
         self._instances_key: Any = None
+        self._instances_picture = strip.Picture("", [])
         self._instances_at = 0.0
         self._errors_key: Any = None
         self._errors_at = 0.0
@@ -114,7 +111,7 @@ class Controller(widgets.VBox):
         self.error, self.error_text = _folded("alma-error", hidden=True)
         self.running_now, self.running_text = _folded("alma-running-now")
         self.running_now.observe(lambda _change: self.refresh(), names="selected_index")
-        self.instances = _html("alma-instances")
+        self.instances = strip.Strip()
         header = widgets.HBox(
             [
                 self.start_button,
@@ -224,7 +221,7 @@ class Controller(widgets.VBox):
             self.error_text,
             self.running_now,
             self.running_text,
-            self.instances,
+            *self.instances.parts,
             *self.bar.container.children,  # text, bar, text
         ]
         try:
@@ -317,13 +314,15 @@ class Controller(widgets.VBox):
             changed = status != self._last_status
             self._last_status = status
             now = time.monotonic()
-            if force or changed or now - self._instances_at >= INSTANCES_INTERVAL:
+            slow_parts = force or changed or now - self._instances_at >= INSTANCES_INTERVAL
+            if slow_parts:
                 self._instances_at = now
-                self._draw_instances(d)
+                self._draw_instances(d, whole=force or changed)
             halted = d.last_error if d.halted is not None else None
             with self.hold_sync():
                 self._draw_bar(p, status, halted is not None)
-                self.counts.value = render.counts_html(p)
+                if slow_parts:  # the bar says how far it is 4 times a second already
+                    self.counts.value = render.counts_html(p)
                 self.message.value = render.message_html(self._message)
                 self.busy.value = render.busy_html(_busy_note(status) or self._note)
                 self._draw_errors(d, p, halted, now)
@@ -365,7 +364,7 @@ class Controller(widgets.VBox):
         if self.running_now.selected_index == 0:
             self.running_text.value = render.running_html(d.in_flight)
 
-    def _draw_instances(self, d: Dispatcher) -> None:
+    def _draw_instances(self, d: Dispatcher, whole: bool) -> None:
         frame = d.state
         names = [str(x) for x in frame["instance"]]
         done, failed, running, iterations = (
@@ -373,10 +372,12 @@ class Controller(widgets.VBox):
             for column in ("done", "failed", "running", "iterations")
         )
         key = (tuple(done), tuple(failed), tuple(running))
-        if key == self._instances_key:
-            return  # nothing changed: send nothing to the browser
+        if key == self._instances_key and not whole:
+            self.instances.show(self._instances_picture, whole)  # chunks still waiting
+            return
         self._instances_key = key
-        self.instances.value = _instances_html(names, done, failed, running, iterations)
+        self._instances_picture = strip.picture(names, done, failed, running, iterations)
+        self.instances.show(self._instances_picture, whole)
 
     # -- timer ---------------------------------------------------------------------
 
@@ -564,66 +565,3 @@ class _Bar(tqdm_notebook):  # type: ignore[misc]
             style = ""
         pbar.bar_style = style
         self.display(check_delay=False)
-
-
-# -- drawing -------------------------------------------------------------------------
-
-
-def _kind(done: int, failed: int, running: int, iterations: int) -> str:
-    if failed:
-        return "failing"
-    if running:
-        return "running"
-    if done >= iterations:
-        return "complete"
-    if done:
-        return "partial"
-    return "untouched"
-
-
-def _instances_html(
-    names: list[str],
-    done: list[int],
-    failed: list[int],
-    running: list[int],
-    iterations: list[int],
-) -> str:
-    """A heat strip: one small coloured cell per instance (or per group of instances
-    beyond MAX_CELLS), with a tooltip per cell and a legend with counts."""
-    kinds = [_kind(*row) for row in zip(done, failed, running, iterations, strict=True)]
-    totals = dict.fromkeys(_KINDS, 0)
-    for k in kinds:
-        totals[k] += 1
-    n = len(names)
-    per_cell = max(1, -(-n // MAX_CELLS))
-    cells = []
-    for start in range(0, n, per_cell):
-        group = range(start, min(start + per_cell, n))
-        kind = max((kinds[i] for i in group), key=_RANK.__getitem__)
-        if per_cell == 1:
-            i = start
-            tip = f"{names[i]}: {done[i]}/{iterations[i]} done"
-            if failed[i]:
-                tip += f", {failed[i]} failed"
-            if running[i]:
-                tip += f", {running[i]} running"
-        else:
-            tip = f"{names[group[0]]} … {names[group[-1]]}: {kind}"
-        color = _KINDS[kind][0]
-        cells.append(
-            f"<div class='alma-cell alma-cell-{kind}' title='{html.escape(tip, quote=True)}' "
-            f"style='width:10px;height:10px;margin:1px;background:{color};"
-            "border-radius:2px'></div>"
-        )
-    legend = " ".join(
-        f"<span style='white-space:nowrap;margin-right:10px'>"
-        f"<span style='display:inline-block;width:10px;height:10px;background:{color};"
-        f"border-radius:2px;vertical-align:middle'></span> {label} {totals[k]}</span>"
-        for k, (color, label) in _KINDS.items()
-    )
-    unit = f" (one cell = {per_cell} instances)" if per_cell > 1 else ""
-    return (
-        f"<div style='font-size:11px;color:{render.TEXT}'>instances: {n}{unit} · {legend}</div>"
-        "<div style='display:flex;flex-wrap:wrap;max-width:100%;margin-top:2px'>"
-        f"{''.join(cells)}</div>"
-    )

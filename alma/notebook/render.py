@@ -40,6 +40,15 @@ KINDS = {
 }
 
 
+# What each mark class stands for: the strip's kinds, and the counts' own.
+_MARKS = {
+    **{f"cell-{k}": c for k, (c, _) in KINDS.items()},
+    **{f"sw-{k}": c for k, (c, _) in KINDS.items()},
+    "sw-done": SUCCESS,
+    "sw-failed": WARN,
+    "sw-running": BRAND,
+}
+
 #: One stylesheet for the whole controller, sent once (an HTML widget's ``<style>``
 #: applies to the page): JupyterLab draws folded accordion titles in a lighter colour
 #: than 4.5:1 allows, and the instance strip's cells take their look from classes here
@@ -51,24 +60,24 @@ STYLE = f"""<style>
 .alma-controller .alma-chunk, .alma-controller .alma-chunk > .widget-html-content
   {{ display: contents; }}
 .alma-controller .alma-cell {{ width: 10px; height: 10px; margin: 1px; border-radius: 2px; }}
-{"".join(f".alma-controller .alma-cell-{k} {{ background: {c}; }}" for k, (c, _) in KINDS.items())}
+.alma-controller .alma-sw {{ display: inline-block; width: 10px; height: 10px;
+  border-radius: 2px; vertical-align: middle; }}
+{"".join(f".alma-controller .alma-{k} {{ background: {c}; }}" for k, c in _MARKS.items())}
 </style>"""
 
 
-def swatch(color: str, size: int = 10) -> str:
-    return (
-        f"<span style='display:inline-block;width:{size}px;height:{size}px;"
-        f"background:{color};border-radius:2px;vertical-align:middle'></span>"
-    )
+def swatch(mark: str) -> str:
+    """A small coloured square; ``mark`` is a kind of the strip or done/failed/running
+    (styled by STYLE: a class, so that updates sent many times a second stay small)."""
+    return f"<i class='alma-sw alma-sw-{mark}'></i>"
 
 
 def counts_html(p: Progress) -> str:
     """done · failed · running · pending · total, each with its colour as a swatch."""
-    marks = {"done": SUCCESS, "failed": WARN, "running": BRAND, "pending": None}
     spans = []
-    for k, color in marks.items():
+    for k in ("done", "failed", "running", "pending"):
         value = getattr(p, k)
-        mark = swatch(color, 8) + " " if color and (value or k != "failed") else ""
+        mark = swatch(k) + " " if k != "pending" and (value or k != "failed") else ""
         spans.append(f"<span class='alma-count-{k}'>{mark}{k} <b>{value}</b></span>")
     return (
         f"<span style='font-family:var(--jp-code-font-family, monospace);color:{TEXT}'>"

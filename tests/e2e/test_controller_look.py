@@ -24,7 +24,7 @@ SETUP = """\
 import alma
 
 def run(instance, save_callback, state, iteration):
-    if iteration == 1 and instance.endswith(("f01.txt", "f04.txt")):
+    if iteration == 1 and instance.endswith(("f001.txt", "f004.txt")):
         raise ValueError("no convergence")
     return {"score": iteration * 1.5 + len(instance) % 7, "steps": iteration}
 
@@ -85,8 +85,8 @@ CONTRASTS = """
 
 def write_notebook(root: Path) -> None:
     (root / "data").mkdir(exist_ok=True)
-    for i in range(6):
-        (root / "data" / f"f{i:02d}.txt").write_text("x" * (i + 1))
+    for i in range(120):  # three chunks of the instance strip
+        (root / "data" / f"f{i:03d}.txt").write_text("x" * (i + 1))
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(SETUP), nbformat.v4.new_code_cell(RUN)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3"}
@@ -133,6 +133,12 @@ def test_controller_is_readable_in_light_and_dark(
     _poll(
         "the grouped errors", lambda: controller.locator(".alma-error-group").count() == 1, 10, page
     )
+
+    # the strip's chunks flow as one strip: cell 51 (a new chunk) follows cell 50
+    cells = controller.locator(".alma-cell")
+    assert cells.count() == 120
+    a, b = cells.nth(49).bounding_box(), cells.nth(50).bounding_box()
+    assert a and b and b["y"] == a["y"] and 0 < b["x"] - a["x"] < 20, (a, b)
 
     for theme, light in [("JupyterLab Light", True), ("JupyterLab Dark", False)]:
         set_theme(page, theme, light)
