@@ -8,6 +8,8 @@ import json
 import os
 import queue
 import signal
+import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -216,6 +218,23 @@ def test_quickstart_notebook_runs_headless(tmp_path: Path) -> None:
     assert "done <b>360</b>" in counts["value"]
     cells = "".join(m["value"] for m in models(nb, "HTMLModel", "alma-chunk"))
     assert cells.count("alma-cell-complete") == 12
+
+    # the snapshot, an output of its own in the displaying cell, shows the last state
+    loaded = cell_with(nb, "import alma.experiment")
+    (snap,) = [o for o in loaded.outputs if "text/html" in o.get("data", {})]
+    assert "maxcut: <b>finished</b>" in snap["data"]["text/html"]
+    assert "360/360 finished" in snap["data"]["text/html"]
+    # ... and survives the HTML export
+    saved = tmp_path / "notebooks" / "executed.ipynb"
+    nbformat.write(nb, saved)
+    subprocess.run(
+        [sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", str(saved)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    exported = saved.with_suffix(".html").read_text()
+    assert "alma-snapshot" in exported and "360/360 finished" in exported
 
 
 @pytest.mark.timeout(180)
@@ -437,6 +456,36 @@ def test_iopub_traffic_at_3000_files_while_running(tmp_path: Path, kernel: Kerne
     assert [m for m in sent if m["content"]["comm_id"] in strip[2:]], "the strip stood still"
     assert rate < 20_000, f"{rate / 1000:.1f} KB/s of iopub traffic"
     kernel.run("d.stop()", timeout=60)
+
+
+@pytest.mark.timeout(120)
+def test_the_displaying_cell_carries_a_snapshot_kept_current(
+    tmp_path: Path, kernel: Kernel
+) -> None:
+    """Beside the widget, an output of its own: text/html with a display_id, updated
+    with update_display (what a notebook saved and read without a kernel shows)."""
+    exp = write_experiment(tmp_path, instances=3, iterations=4, sleep=0.01)
+    shown = kernel.run(f"import alma.experiment\nd = alma.experiment.load({str(exp)!r})\nd")
+    mine = [m for m in kernel.iopub if m["parent_header"].get("msg_id") == shown]
+    displays = [m for m in mine if m["msg_type"] in ("display_data", "execute_result")]
+    snaps = [m for m in displays if "text/html" in m["content"]["data"]]
+    assert len(snaps) == 1 and len(displays) == 2  # the snapshot and the widget view
+    snap = snaps[0]["content"]
+    display_id = snap["transient"]["display_id"]
+    assert "alma-snapshot" in snap["data"]["text/html"]
+    assert "slow: <b>idle</b>" in snap["data"]["text/html"]
+    assert "0/12 finished" in snap["data"]["text/html"]
+    assert "application/vnd.jupyter.widget-view+json" not in snap["data"]
+    kernel.run("d.start(); d.join()")
+    updates = [
+        m["content"]
+        for m in kernel.iopub
+        if m["msg_type"] == "update_display_data"
+        and m["content"]["transient"]["display_id"] == display_id
+    ]
+    assert updates, "the snapshot was never updated"
+    last = updates[-1]["data"]["text/html"]
+    assert "slow: <b>finished</b>" in last and "12/12 finished" in last
 
 
 @pytest.mark.parametrize("name", ["quickstart.ipynb", "magics.ipynb"])

@@ -38,6 +38,7 @@ from tqdm.notebook import tqdm as tqdm_notebook
 from . import render, strip, watch
 from .registry import open_controllers, register, touch, unregister
 from .shell import quiet_pauses
+from .snapshot import Snapshot
 
 if TYPE_CHECKING:
     from ..dispatcher import Dispatcher, Progress
@@ -96,6 +97,7 @@ class Controller(widgets.VBox):
         self._errors_key: Any = None
         self._errors_at = 0.0
         self._last_status = ""
+        self.snapshot = Snapshot()
 
         name = html.escape(dispatcher.spec.name)
         self.heading = _html("alma-title", f"<b>alma</b> · {name}")
@@ -202,7 +204,26 @@ class Controller(widgets.VBox):
         bundle = super()._repr_mimebundle_(**kwargs)
         if bundle is not None and self._dispatcher is not None:
             bundle["text/plain"] = repr(self._dispatcher)
+            try:  # an output of its own, for a notebook saved and read without a kernel
+                self.snapshot.show(*self._snapshot())
+            except Exception:
+                log.debug("alma controller: showing the snapshot failed", exc_info=True)
         return bundle
+
+    def _snapshot(self) -> tuple[str, str]:
+        """The still picture (HTML, plain text) of what the controller shows now."""
+        d = self._dispatcher
+        if d is None:
+            return "", ""
+        p = d.progress
+        status = self._last_status or p.status
+        return render.snapshot_html(d.spec.name, p, status), repr(d)
+
+    def update_snapshot(self, now: bool = True) -> None:
+        """Bring the saved snapshot up to date (``now``: else at most every few seconds);
+        the post-cell hook calls it in each cell's context, so nbclient records it too."""
+        if self._dispatcher is not None:
+            self.snapshot.update(*self._snapshot(), now=now)
 
     def _send_full_state(self) -> None:
         """Resend every part's state from this cell: front-ends that only keep messages
@@ -330,6 +351,10 @@ class Controller(widgets.VBox):
                 # Status and buttons last: once they say "finished", the rest says so too.
                 self.status_label.value = status
                 self._set_buttons(status, p)
+            if changed or status not in _ACTIVE:  # what JupyterLab would save is current
+                self.snapshot.update(
+                    render.snapshot_html(d.spec.name, p, status), repr(d), now=changed
+                )
 
     def _set_buttons(self, status: str, p: Progress) -> None:
         """Which buttons can act now: the one place that decides it."""

@@ -54,6 +54,7 @@ _MARKS = {
 #: than 4.5:1 allows, and the instance strip's cells take their look from classes here
 #: instead of repeating it per cell.
 STYLE = f"""<style>
+.jp-OutputArea:has(.alma-controller) .alma-snapshot {{ display: none; }}
 .alma-controller .lm-AccordionPanel-title, .alma-controller .jupyter-widget-Collapse-header
   {{ color: {TEXT}; }}
 .alma-controller .alma-cells {{ display: flex; flex-wrap: wrap; max-width: 100%; }}
@@ -82,6 +83,28 @@ def counts_html(p: Progress) -> str:
     return (
         f"<span style='font-family:var(--jp-code-font-family, monospace);color:{TEXT}'>"
         f"{' · '.join(spans)} · total <b>{p.total}</b></span>"
+    )
+
+
+def snapshot_html(name: str, p: Progress, status: str) -> str:
+    """The still picture saved with the notebook: name, status, a bar, the counts.
+    Inline styles only (no classes to rely on), readable in any renderer."""
+    share = 100 * p.finished / p.total if p.total else 100.0
+    color = WARN if p.failed else SUCCESS if status == "finished" else BRAND
+    counts = (
+        f"done {p.done} · failed {p.failed} · running {p.running} · pending {p.pending}"
+        f" · total {p.total}"
+    )
+    return (
+        f"<div class='alma-snapshot' style='color:{TEXT};font-size:13px;max-width:640px'>"
+        f"<div><b>alma</b> · {html.escape(name)}: <b>{html.escape(status)}</b> "
+        f"<span style='color:{TEXT2}'>(snapshot saved with the notebook; run the cell "
+        "for the live controller)</span></div>"
+        f"<div style='background:var(--jp-layout-color3, #bdbdbd);height:8px;"
+        f"border-radius:2px;margin:4px 0'><div style='width:{share:.1f}%;height:8px;"
+        f"background:{color};border-radius:2px'></div></div>"
+        f"<div style='font-family:var(--jp-code-font-family, monospace)'>{p.finished}/{p.total}"
+        f" finished ({share:.0f}%) · {counts}</div></div>"
     )
 
 

@@ -56,6 +56,8 @@ class Watched(Protocol):
 
     def _needs_follow(self, after_cell: bool = False) -> bool: ...
 
+    def update_snapshot(self, now: bool = True) -> None: ...
+
 
 class Timer:
     """A controller's timer thread: :meth:`start` starts one (or wakes the live one), it
@@ -220,5 +222,6 @@ def _after_cell(*_args: Any) -> None:
             # `d.reset()` in a later cell leaves a shown controller otherwise stale.
             if c._needs_follow(after_cell=True):
                 c.follow()
+            c.update_snapshot()  # in this cell's context: nbclient keeps only its messages
         except Exception:  # never let a UI problem surface in the user's cell
             log.debug("alma controller: waking the timer failed", exc_info=True)

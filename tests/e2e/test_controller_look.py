@@ -149,3 +149,31 @@ def test_controller_is_readable_in_light_and_dark(
         poor = [m for m in measured if m["ratio"] < 4.5]
         assert not poor, f"text below 4.5:1 in the {kind} theme: {poor}"
     set_theme(page, "JupyterLab Light", True)
+
+    # live, the snapshot saved with the notebook is there but hidden behind the widget
+    snapshot = page.locator(".alma-snapshot")
+    assert snapshot.count() == 1 and not snapshot.is_visible()
+    # saved, then reopened with no kernel that knows the widget: the snapshot shows
+    menu(page, "File", "Save Notebook")
+    saved = jupyter_server.root_dir / NOTEBOOK
+    _poll(
+        "the saved notebook to hold the finished snapshot",
+        lambda: "look: <b>finished</b>" in saved.read_text(),
+        30,
+        page,
+    )
+    for session in jupyter_server.api_sessions():
+        jupyter_server.api("DELETE", f"/api/sessions/{session['id']}")
+    reopened = page.context.new_page()
+    reopened.goto(jupyter_server.lab_url(NOTEBOOK))
+    still = reopened.locator(".alma-snapshot")
+    _poll(
+        "the snapshot in the reopened notebook",
+        lambda: still.count() and still.is_visible(),
+        60,
+        reopened,
+    )
+    text = still.inner_text()
+    assert "look: finished" in text and "480/480 finished" in text and "failed 2" in text
+    still.screenshot(path=str(artifacts / "controller-saved-snapshot.png"))
+    reopened.close()
