@@ -274,6 +274,13 @@ class Dispatcher:
         return self._store.error_groups()
 
     @property
+    def dashboard(self) -> str | None:
+        """While it runs, a web page showing the executor at work (the Dask dashboard
+        with ``"executor": "dask"``); None otherwise."""
+        session = self._session
+        return session.dashboard if session is not None else None
+
+    @property
     def in_flight(self) -> list[InFlight]:
         """The runs executing now, oldest first, with when each started and last
         saved a checkpoint (empty when no session runs in this process)."""

@@ -142,6 +142,13 @@ class Session:
         """How many runs execute now."""
         return len(self._inflight)
 
+    @property
+    def dashboard(self) -> str | None:
+        """The first executor's web dashboard, if it has one."""
+        with self._lock:
+            executors = list(self._executors)
+        return next((e.dashboard for e in executors if e.dashboard), None)
+
     def in_flight(self) -> list[Task]:
         """The runs executing now."""
         with self._lock:

@@ -37,10 +37,13 @@ from tqdm.notebook import tqdm as tqdm_notebook
 
 from . import render, strip, watch
 from .registry import open_controllers, register, touch, unregister
+from .results import ResultsView
 from .shell import quiet_pauses
 from .snapshot import Snapshot
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from ..dispatcher import Dispatcher, Progress
     from ..records import RunError
 
@@ -114,6 +117,9 @@ class Controller(widgets.VBox):
         self.running_now, self.running_text = _folded("alma-running-now")
         self.running_now.observe(lambda _change: self.refresh(), names="selected_index")
         self.instances = strip.Strip()
+        self.results = ResultsView(self._read_results)
+        self.results.observe(lambda _change: self.refresh(), names="selected_index")
+        self.dashboard = _html("alma-dashboard")
         header = widgets.HBox(
             [
                 self.start_button,
@@ -121,6 +127,7 @@ class Controller(widgets.VBox):
                 self.retry_button,
                 widgets.HTML("status:"),
                 self.status_label,
+                self.dashboard,
             ],
             layout=widgets.Layout(align_items="center"),
         )
@@ -131,6 +138,7 @@ class Controller(widgets.VBox):
             self.message,
             self.error,
             self.running_now,
+            self.results,
             self.instances,
         ]
         self.style_sheet = _html("alma-style", render.STYLE)
@@ -242,6 +250,8 @@ class Controller(widgets.VBox):
             self.error_text,
             self.running_now,
             self.running_text,
+            *self.results.parts,
+            self.dashboard,
             *self.instances.parts,
             *self.bar.container.children,  # text, bar, text
         ]
@@ -339,6 +349,8 @@ class Controller(widgets.VBox):
             if slow_parts:
                 self._instances_at = now
                 self._draw_instances(d, whole=force or changed)
+                self.results.refresh(p.finished)  # folded: returns at once
+                self.dashboard.value = _dashboard_html(d.dashboard if d.running else None)
             halted = d.last_error if d.halted is not None else None
             with self.hold_sync():
                 self._draw_bar(p, status, halted is not None)
@@ -355,6 +367,16 @@ class Controller(widgets.VBox):
                 self.snapshot.update(
                     render.snapshot_html(d.spec.name, p, status), repr(d), now=changed
                 )
+
+    def _read_results(self) -> pd.DataFrame:
+        """The one read of results the Results view makes (swap it for an incremental
+        reader here)."""
+        d = self._dispatcher
+        if d is None:
+            import pandas as pd
+
+            return pd.DataFrame({"instance": [], "status": []})
+        return d.results
 
     def _set_buttons(self, status: str, p: Progress) -> None:
         """Which buttons can act now: the one place that decides it."""
@@ -499,6 +521,13 @@ def _buttons() -> tuple[widgets.Button, widgets.Button, widgets.Button]:
         _styled(stop, "alma-stop"),
         _styled(retry, "alma-retry"),
     )
+
+
+def _dashboard_html(url: str | None) -> str:
+    if not url:
+        return ""
+    link = html.escape(url, quote=True)
+    return f"<a href='{link}' target='_blank' style='margin-left:12px'>Dask dashboard</a>"
 
 
 def _busy_note(status: str) -> str:

@@ -150,6 +150,29 @@ def test_controller_is_readable_in_light_and_dark(
         assert not poor, f"text below 4.5:1 in the {kind} theme: {poor}"
     set_theme(page, "JupyterLab Light", True)
 
+    # Retry failed: the two failed runs run again (and fail again), from the page
+    retry = controller.locator("button.alma-retry")
+    assert not retry.is_disabled()
+    retry.click()
+    _poll(
+        "the retry to be done",
+        lambda: (
+            "2 failed runs will run again." in controller.inner_text()
+            and status.inner_text() == "finished"
+        ),
+        60,
+        page,
+    )
+    # the Results view: unfolded, a summary table and a plot of the first column
+    results = controller.locator(".alma-results")
+    results.get_by_text("Results", exact=True).click()
+    plot = results.locator(".alma-plot svg")
+    _poll("the results plot", lambda: plot.count() == 1, 30, page)
+    table = results.locator(".alma-summary")
+    assert table.locator("tr").count() == 1 + 20  # header + the first 20 instances
+    assert "score" in results.inner_text()
+    results.screenshot(path=str(artifacts / "controller-results.png"))
+
     # live, the snapshot saved with the notebook is there but hidden behind the widget
     snapshot = page.locator(".alma-snapshot")
     assert snapshot.count() == 1 and not snapshot.is_visible()
