@@ -47,11 +47,14 @@ import logging
 import math
 import secrets
 import socket
+import tempfile
 import threading
 import uuid
 import warnings
+import zipfile
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from ..errors import AlmaError, ConfigError, Interrupted
@@ -189,18 +192,22 @@ class DaskExecutor(Executor):
             ) from exc
 
     def _upload_neighbours(self) -> None:
-        """Send the modules the run module imports from its own folder to the workers
-        (which may be on machines without that folder); workers that join later get
-        them too. A local cluster needs none of this: its workers share this sys.path."""
-        for path in neighbours(self.run):
-            try:
-                self._client.upload_file(str(path), load=True)
-            except Exception as exc:
-                raise AlmaError(
-                    f"cannot send {path} (imported by the run module) to the Dask "
-                    f"workers ({type(exc).__name__}: {exc}). Install it where the workers "
-                    "run, or move what run() needs into the run module."
-                ) from exc
+        """Send the modules and packages the run module imports from its own folder to
+        the workers (which may be on machines without that folder); workers that join
+        later get them too. A package travels as a zip archive, which Dask puts on the
+        workers' sys.path. A local cluster needs none of this: its workers share this
+        sys.path."""
+        with tempfile.TemporaryDirectory(prefix="alma-upload-") as tmp:
+            for path in neighbours(self.run):
+                try:
+                    upload = _zip_package(path, Path(tmp)) if path.is_dir() else path
+                    self._client.upload_file(str(upload), load=True)
+                except Exception as exc:
+                    raise AlmaError(
+                        f"cannot send {path} (imported by the run module) to the Dask "
+                        f"workers ({type(exc).__name__}: {exc}). Install it where the "
+                        "workers run, or move what run() needs into the run module."
+                    ) from exc
 
     def _direct_host(self) -> str | None:
         """The address of this machine that the workers can reach, or None.
@@ -375,7 +382,7 @@ class _Window:
         """Submit (task, resubmits) pairs in one client.map: one graph update, not one
         per run."""
         session = self.ex._session
-        keys = [f"alma-run-{session}-{t.key[0]}-{t.key[1]}-{n}" for t, n in tasks]
+        keys = [f"alma-run-{session}-{'-'.join(map(str, t.key))}-{n}" for t, n in tasks]
         n = len(tasks)
         futures = self.client.map(
             _dask_run,
@@ -386,6 +393,8 @@ class _Window:
             [t.key for t, _ in tasks],
             [t.path for t, _ in tasks],
             [t.iteration for t, _ in tasks],
+            [t.params for t, _ in tasks],
+            [t.seed for t, _ in tasks],
             [t.checkpoint for t, _ in tasks],
             [self.ex.retries] * n,
             [self.relay.channel] * n,
@@ -456,10 +465,10 @@ class _CheckpointRelay:
         self._server = _CheckpointServer.open(executor._direct_host(), self.commit)
         self.channel = None if self._server is None else self._server.channel
 
-    def commit(self, inst: int, it: int, state: str) -> str:
+    def commit(self, key: RunKey, state: str) -> str:
         """Commit one checkpoint sent by a worker; the answer: "ok" or "stop"."""
         with self.ex._lock:
-            task = self.ex._tasks.get(RunKey(inst, it))
+            task = self.ex._tasks.get(key)
         if task is None:  # abandoned (stop) or finished: nobody stores it any more
             return "stop"
         task.checkpoint = state
@@ -490,9 +499,9 @@ class _CheckpointRelay:
                 return
             if item is None:
                 return
-            reply_name, inst, it, state = item
-            answer = self.commit(inst, it, state)
-            key = RunKey(inst, it)
+            reply_name, inst, cfg, it, state = item
+            key = RunKey(inst, cfg, it)
+            answer = self.commit(key, state)
             try:
                 with self.ex._lock:
                     reply = self._replies.get(key)
@@ -532,7 +541,7 @@ class _CheckpointServer:
     NAT) fall back to the queues, so this only ever makes checkpoints faster.
     """
 
-    def __init__(self, sock: socket.socket, handler: Callable[[int, int, str], str]) -> None:
+    def __init__(self, sock: socket.socket, handler: Callable[[RunKey, str], str]) -> None:
         self._sock = sock
         self._handler = handler
         self._secret = secrets.token_hex(16)
@@ -546,7 +555,7 @@ class _CheckpointServer:
 
     @classmethod
     def open(
-        cls, host: str | None, handler: Callable[[int, int, str], str]
+        cls, host: str | None, handler: Callable[[RunKey, str], str]
     ) -> _CheckpointServer | None:
         if host is None:
             return None
@@ -594,8 +603,9 @@ class _CheckpointServer:
             with self._lock:
                 self._pending -= 1
             while True:
-                inst, it, state = json.loads(conn.recv_bytes())
-                conn.send_bytes(self._handler(int(inst), int(it), str(state)).encode())
+                inst, cfg, it, state = json.loads(conn.recv_bytes())
+                key = RunKey(int(inst), int(cfg), int(it))
+                conn.send_bytes(self._handler(key, str(state)).encode())
         except (EOFError, OSError, ValueError, TypeError):
             pass  # closed, or not one of ours
         finally:
@@ -654,7 +664,7 @@ _CHANNEL_LOCK = threading.Lock()
 
 
 def _send_direct(
-    session: str, channel: tuple[str, int, str], run_key: tuple[int, int], text: str
+    session: str, channel: tuple[str, int, str], run_key: tuple[int, int, int], text: str
 ) -> str | None:
     """A checkpoint over the direct channel: the answer, or None to use the queues."""
     with _CHANNEL_LOCK:  # one connection per worker process, shared by its threads
@@ -671,7 +681,7 @@ def _send_direct(
         if conn is False:
             return None
         try:
-            conn.send_bytes(json.dumps([run_key[0], run_key[1], text]).encode())
+            conn.send_bytes(json.dumps([*run_key, text]).encode())
             if not conn.poll(CHECKPOINT_ACK_TIMEOUT):
                 raise TimeoutError
             return conn.recv_bytes().decode()
@@ -716,9 +726,11 @@ def _dask_run(
     token: str,
     payload: ShippedRun,
     key: str,
-    run_key: tuple[int, int],
+    run_key: tuple[int, int, int],
     path: str,
     iteration: int,
+    params: dict[str, Any],
+    seed: int,
     state: str | None,
     retries: int,
     channel: tuple[str, int, str] | None = None,
@@ -736,7 +748,7 @@ def _dask_run(
     reply: Any = None
     try:
         caller = _caller(token, payload)
-        task = Task(RunKey(*run_key), "", path, iteration, state)
+        task = Task(RunKey(*run_key), "", path, iteration, params, seed, state)
 
         def checkpoint(_task: Task, text: str) -> None:
             nonlocal reply
@@ -752,7 +764,7 @@ def _dask_run(
             queue = _QUEUES.get(session)
             if queue is None:
                 queue = _QUEUES[session] = distributed.Queue(f"{session}-ckpt", client=client)
-            queue.put([reply.name, run_key[0], run_key[1], text])
+            queue.put([reply.name, *run_key, text])
             answer = _wait_answer(reply, key)
             if answer != "ok":
                 raise Interrupted(f"{path} iteration {iteration}: stopped")
@@ -770,3 +782,14 @@ def _dask_run(
 
 
 __all__ = ["CONNECT_TIMEOUT", "DaskExecutor"]
+
+
+def _zip_package(package: Path, into: Path) -> Path:
+    """``package`` (a folder) as ``into/<name>.zip`` holding ``<name>/...``: its Python
+    sources, without caches."""
+    archive = into / f"{package.name}.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for file in sorted(package.rglob("*.py")):
+            if "__pycache__" not in file.parts:
+                zf.write(file, file.relative_to(package.parent).as_posix())
+    return archive

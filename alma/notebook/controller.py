@@ -117,7 +117,8 @@ class Controller(widgets.VBox):
         self.running_now, self.running_text = _folded("alma-running-now")
         self.running_now.observe(lambda _change: self.refresh(), names="selected_index")
         self.instances = strip.Strip()
-        self.results = ResultsView(self._read_results)
+        params = frozenset(n for c in dispatcher.spec.params for n in c.params)
+        self.results = ResultsView(self._read_results, params)
         self.results.observe(lambda _change: self.refresh(), names="selected_index")
         self.dashboard = _html("alma-dashboard")
         header = widgets.HBox(

@@ -37,7 +37,19 @@ log = logging.getLogger(__name__)
 INTERVAL = 2.0
 #: Columns of the results frame that are alma's own, never a result.
 OWN_COLUMNS = frozenset(
-    {"instance", "iteration", "status", "error", "duration", "attempts", "finished", "code"}
+    {
+        "instance",
+        "iteration",
+        "status",
+        "error",
+        "duration",
+        "attempts",
+        "interruptions",
+        "finished",
+        "code",
+        "seed",
+        "traceback",
+    }
 )
 #: The summary's columns, and what the table can be sorted by.
 SORTS = ("instance", "runs", "mean", "std", "min", "max", "failed")
@@ -46,15 +58,16 @@ SORTS = ("instance", "runs", "mean", "std", "min", "max", "failed")
 MAX_BOXES = 30
 
 
-def numeric_columns(frame: pd.DataFrame) -> list[str]:
-    """The result columns holding numbers, in the frame's order."""
+def numeric_columns(frame: pd.DataFrame, params: frozenset[str] = frozenset()) -> list[str]:
+    """The result columns holding numbers, in the frame's order (neither alma's own
+    columns nor the configuration's ``params``)."""
     import pandas as pd
 
     return [
         c
         for c in frame.columns
         if c not in OWN_COLUMNS
-        and c != "traceback"
+        and c not in params
         and pd.api.types.is_numeric_dtype(frame[c])
         and not pd.api.types.is_bool_dtype(frame[c])
     ]
@@ -138,8 +151,11 @@ def plot_svg(frame: pd.DataFrame, column: str) -> str:
 class ResultsView(widgets.Accordion):
     """The folded Results section; :meth:`refresh` is cheap to call on every redraw."""
 
-    def __init__(self, read: Callable[[], pd.DataFrame]) -> None:
+    def __init__(
+        self, read: Callable[[], pd.DataFrame], params: frozenset[str] = frozenset()
+    ) -> None:
         self._read = read
+        self._params = params  # parameter columns of a grid: inputs, not results
         self.column = widgets.Dropdown(description="column", options=[])
         self.sort = widgets.Dropdown(description="sort by", options=SORTS, value="instance")
         self.table = widgets.HTML()
@@ -180,7 +196,7 @@ class ResultsView(widgets.Accordion):
         self._seen, self._at = key, now
         frame = self._read()
         self.reads += 1
-        columns = numeric_columns(frame)
+        columns = numeric_columns(frame, self._params)
         if list(self.column.options) != columns:
             keep = self.column.value if self.column.value in columns else None
             keep = keep if keep is not None else (columns[0] if columns else None)
