@@ -98,13 +98,14 @@ def set_theme(page: Any, name: str, light: bool) -> None:
     page.locator(".lm-Menu-itemLabel:text-is('Theme')").hover()
     page.locator(f".lm-Menu-itemLabel:text-is('{name}')").click()
     want = "true" if light else "false"
-    _poll(
-        f"the {name} theme",
-        lambda: page.evaluate("document.body.dataset.jpThemeLight") == want,
-        30,
-        page,
-    )
-    page.wait_for_timeout(500)  # the theme's stylesheet settles
+    probe = "getComputedStyle(document.body).getPropertyValue('--jp-layout-color0').trim()"
+
+    def applied() -> bool:
+        white = page.evaluate(probe).lower() in ("white", "#fff", "#ffffff")
+        return page.evaluate("document.body.dataset.jpThemeLight") == want and white == light
+
+    _poll(f"the {name} theme's stylesheet", applied, 60, page)
+    page.wait_for_timeout(300)  # one more frame for the widgets to repaint
 
 
 @pytest.mark.e2e
@@ -123,7 +124,7 @@ def test_controller_is_readable_in_light_and_dark(
         "status 'finished'", lambda: status.count() and status.inner_text() == "finished", 120, page
     )
     errors = controller.locator(".alma-error")
-    _poll("the error panel", lambda: errors.is_visible(), 10, page)
+    _poll("the error panel", lambda: errors.is_visible(), 60, page)
     assert "Errors: 2 failed runs (1 kind)" in errors.inner_text()
     bar = controller.locator(".alma-progress .progress-bar")
     assert "progress-bar-warning" in (bar.get_attribute("class") or "")
@@ -131,7 +132,7 @@ def test_controller_is_readable_in_light_and_dark(
         ".jupyter-widget-Collapse-header, .lm-AccordionPanel-title, .p-Collapse-header"
     ).first.click()
     _poll(
-        "the grouped errors", lambda: controller.locator(".alma-error-group").count() == 1, 10, page
+        "the grouped errors", lambda: controller.locator(".alma-error-group").count() == 1, 60, page
     )
 
     # the strip's chunks flow as one strip: cell 51 (a new chunk) follows cell 50
