@@ -34,7 +34,7 @@ from .errors import AlmaError, ConfigError, LockedError, Paused
 from .executors import executor_class
 from .lock import ExperimentLock, Holder
 from .plan import Tally
-from .records import Config, RunError, RunKey, Status, Task, seed_of
+from .records import Config, ErrorGroup, InFlight, RunError, RunKey, Status, Task, seed_of
 from .runfunc import make_caller
 from .session import Session, SessionClock, SessionHooks
 from .spec import Spec
@@ -356,6 +356,29 @@ class Dispatcher:
         frame["pending"] = spec.iterations - frame[["done", "failed", "running"]].sum(axis=1)
         frame["iterations"] = spec.iterations
         return frame
+
+    @property
+    def failures(self) -> list[ErrorGroup]:
+        """Failed runs grouped by error (type and message), most frequent first, each
+        with an example run and its traceback: what went wrong at a glance, read from the
+        state file (so failures of earlier sessions count too)."""
+        return self._store.error_groups()
+
+    @property
+    def dashboard(self) -> str | None:
+        """While it runs, a web page showing the executor at work (the Dask dashboard
+        with ``"executor": "dask"``); None otherwise."""
+        session = self._session
+        return session.dashboard if session is not None else None
+
+    @property
+    def in_flight(self) -> list[InFlight]:
+        """The runs executing now, oldest first, with when each started and last
+        saved a checkpoint (empty when no session runs in this process)."""
+        session = self._session
+        tasks = session.in_flight() if session is not None else []
+        runs = [InFlight(t.instance, t.iteration, t.started, t.checkpointed) for t in tasks]
+        return sorted(runs, key=lambda r: r.started)
 
     @property
     def configs(self) -> pd.DataFrame:

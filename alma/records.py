@@ -106,6 +106,10 @@ class Task:
     seed: int
     #: The run's last checkpoint (JSON text), or None: what ``run()`` gets as ``state``.
     checkpoint: str | None = None
+    #: Unix time it was handed out, and of its last checkpoint in this session (what
+    #: front-ends show of the runs in flight).
+    started: float = 0.0
+    checkpointed: float | None = None
 
 
 @dataclass(slots=True)
@@ -178,6 +182,36 @@ class RunError:
     error: str
     traceback: str
 
+    def __repr__(self) -> str:
+        # Read in a notebook (``d.last_error``): the traceback as lines, not as "\n"s.
+        where = f"{self.instance} #{self.iteration}" if self.instance else "alma itself"
+        text = f"<alma.RunError in {where}: {self.error}>"
+        return f"{text}\n{self.traceback.rstrip()}" if self.traceback else text
+
+
+class ErrorGroup(NamedTuple):
+    """Failed runs that ended with the same error (type and message)."""
+
+    #: ``"Type: message"``, as the runs recorded it.
+    error: str
+    #: How many runs failed with it.
+    runs: int
+    #: One of them (the first to fail): where to look.
+    instance: str
+    iteration: int
+    traceback: str
+
+
+class InFlight(NamedTuple):
+    """A run executing now, as front-ends show it."""
+
+    instance: str
+    iteration: int
+    #: Unix time it was handed out.
+    started: float
+    #: Unix time of its last checkpoint in this session, or None.
+    checkpointed: float | None
+
 
 __all__ = [
     "DONE",
@@ -185,6 +219,8 @@ __all__ = [
     "NO_PARAMS",
     "CheckpointRecord",
     "Config",
+    "ErrorGroup",
+    "InFlight",
     "Outcome",
     "RunError",
     "RunKey",

@@ -162,6 +162,13 @@ class Session:
         """How many runs execute now."""
         return len(self._inflight)
 
+    @property
+    def dashboard(self) -> str | None:
+        """The first executor's web dashboard, if it has one."""
+        with self._lock:
+            executors = list(self._executors)
+        return next((e.dashboard for e in executors if e.dashboard), None)
+
     def in_flight(self) -> list[Task]:
         """The runs executing now."""
         with self._lock:
@@ -284,6 +291,7 @@ class Session:
                     config.params,
                     seed_of(name, it, config.key, spec.seed),
                     self._checkpoints.get(key),
+                    time.time(),
                 )
                 self._inflight[key] = task
                 return task
@@ -333,6 +341,9 @@ class Session:
             CheckpointRecord(key.instance, key.config, key.iteration, text, time.time())
         )
         self._checkpoints[key] = text
+        running = self._inflight.get(key)  # executors may hand back a copy of the task
+        if running is not None:
+            running.checkpointed = time.time()
         if self.stopping:
             raise Interrupted(f"{task.instance} iteration {task.iteration}: stopped")
 

@@ -25,7 +25,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import StateError
-from .records import DONE, FAILED, CheckpointRecord, Config, RunKey, RunRecord, seed_of
+from .records import (
+    DONE,
+    FAILED,
+    CheckpointRecord,
+    Config,
+    ErrorGroup,
+    RunKey,
+    RunRecord,
+    seed_of,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -319,6 +328,21 @@ class Store:
         with self._reading() as db:
             row = db.execute("SELECT code FROM sessions ORDER BY id DESC LIMIT 1").fetchone()
         return None if row is None else row[0]
+
+    def error_groups(self) -> list[ErrorGroup]:
+        """Failed runs grouped by their error, most frequent first; each with the first
+        one to fail (SQLite takes bare columns from the row of the MIN())."""
+        if not self.exists():
+            return []
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT COALESCE(r.error, ''), COUNT(*), i.name, r.iteration,"
+                " COALESCE(r.traceback, ''), MIN(r.finished) FROM runs r"
+                " JOIN instances i ON i.id = r.instance WHERE r.status = ?"
+                " GROUP BY r.error ORDER BY COUNT(*) DESC, MIN(r.finished)",
+                (FAILED,),
+            ).fetchall()
+        return [ErrorGroup(e, n, name, it, tb) for e, n, name, it, tb, _ in rows]
 
     def results_frame(self) -> pd.DataFrame:
         """One row per finished run; each parameter of the configurations and each key

@@ -516,3 +516,40 @@ def test_a_run_module_importing_its_neighbour_runs_on_an_external_cluster(
     r = d.results
     assert (r["status"] == "done").all(), r["error"].tolist()
     assert r["w"].tolist() == [21] * 6
+
+
+def test_the_dask_dashboard_is_linked_while_running(
+    make_experiment: ExperimentFactory, dispatchers: list[Any]
+) -> None:
+    from alma.notebook.controller import Controller
+
+    exp = make_experiment(
+        """
+        import time
+
+        def run(instance, save_callback, state):
+            time.sleep(0.5)
+            return 1
+        """,
+        instances=4,
+        iterations=2,
+        workers=2,
+        executor="dask",
+    )
+    d = alma.experiment.load(exp)
+    dispatchers.append(d)
+    assert d.dashboard is None  # nothing runs yet
+    c = Controller(d)
+    try:
+        d.start()
+        wait_until(lambda: d.dashboard is not None, timeout=60)
+        assert str(d.dashboard).startswith("http://127.0.0.1:")
+        c.refresh()
+        assert (
+            f"href='{d.dashboard}'" in c.dashboard.value and "Dask dashboard" in c.dashboard.value
+        )
+        assert d.stop(timeout=30)
+        c.refresh()
+        assert d.dashboard is None and c.dashboard.value == ""
+    finally:
+        c.close()

@@ -678,3 +678,69 @@ def test_timeout_that_the_executor_cannot_enforce_is_warned_about(tmp_path: Path
         alma.Experiment(
             run=len, instances=[f], timeout=5, executor="processes", state=tmp_path / "p.sqlite"
         )
+
+
+# -- what front-ends show of failures and runs in flight ------------------------------
+
+
+def test_failures_are_grouped_by_error_with_an_example(
+    experiment: Callable[..., alma.Dispatcher],
+) -> None:
+    def run(instance: str, save_callback: Any, state: Any, iteration: int) -> int:
+        if iteration == 0:
+            raise ValueError("no convergence")
+        if iteration == 1 and instance.endswith("1.txt"):
+            raise KeyError("missing")
+        return iteration
+
+    d = run_to_end(experiment(run, n=3, iterations=3))
+    groups = d.failures
+    assert [(g.error, g.runs) for g in groups] == [
+        ("ValueError: no convergence", 3),
+        ("KeyError: 'missing'", 1),
+    ]
+    first = groups[0]
+    assert first.iteration == 0 and first.instance.endswith(".txt")
+    assert "raise ValueError" in first.traceback
+    assert groups[1].iteration == 1 and groups[1].instance.endswith("1.txt")
+    d.retry_failed()
+    assert d.failures == []
+
+
+def test_last_error_reads_as_lines(experiment: Callable[..., alma.Dispatcher]) -> None:
+    def run(instance: str) -> None:
+        raise ValueError("bad input")
+
+    d = run_to_end(experiment(run, n=1))
+    text = repr(d.last_error)
+    first, *rest = text.splitlines()
+    assert first.startswith("<alma.RunError in ") and first.endswith(" #0: ValueError: bad input>")
+    assert rest[0] == "Traceback (most recent call last):" and "\\n" not in text
+
+
+def test_in_flight_says_when_each_run_started_and_checkpointed(
+    experiment: Callable[..., alma.Dispatcher],
+) -> None:
+    gate = threading.Event()
+
+    def run(instance: str, save_callback: Any, state: Any, iteration: int) -> int:
+        save_callback({"step": 1})
+        gate.wait(20)
+        return iteration
+
+    d = experiment(run, n=2, iterations=1, workers=2)
+    before = time.time()
+    d.start()
+    try:
+        wait_until(
+            lambda: len(d.in_flight) == 2 and all(r.checkpointed for r in d.in_flight),
+            timeout=10,
+        )
+        runs = d.in_flight
+        assert sorted(r.iteration for r in runs) == [0, 0]
+        for r in runs:
+            assert before <= r.started <= (r.checkpointed or 0) <= time.time()
+    finally:
+        gate.set()
+    assert d.join(timeout=20)
+    assert d.in_flight == []

@@ -8,6 +8,8 @@ import json
 import os
 import queue
 import signal
+import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -221,8 +223,25 @@ def test_quickstart_notebook_runs_headless(tmp_path: Path) -> None:
     assert (bar["value"], bar["max"]) == (360, 360)
     (counts,) = models(nb, "HTMLModel", "alma-counts")
     assert "done <b>360</b>" in counts["value"]
-    (cells,) = models(nb, "HTMLModel", "alma-instances")
-    assert cells["value"].count("alma-cell-complete") == 12
+    cells = "".join(m["value"] for m in models(nb, "HTMLModel", "alma-chunk"))
+    assert cells.count("alma-cell-complete") == 12
+
+    # the snapshot, an output of its own in the displaying cell, shows the last state
+    loaded = cell_with(nb, "import alma.experiment")
+    (snap,) = [o for o in loaded.outputs if "text/html" in o.get("data", {})]
+    assert "maxcut: <b>finished</b>" in snap["data"]["text/html"]
+    assert "360/360 finished" in snap["data"]["text/html"]
+    # ... and survives the HTML export
+    saved = tmp_path / "notebooks" / "executed.ipynb"
+    nbformat.write(nb, saved)
+    subprocess.run(
+        [sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", str(saved)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    exported = saved.with_suffix(".html").read_text()
+    assert "alma-snapshot" in exported and "360/360 finished" in exported
 
 
 @pytest.mark.timeout(180)
@@ -342,6 +361,138 @@ def test_timer_updates_reach_iopub_as_the_displaying_cell(tmp_path: Path, kernel
     assert during, "no progress update arrived while another cell ran"
     status_values = [m["content"]["data"]["state"].get("value") for m in updates(status_id)]
     assert "running" in status_values
+
+
+def comm_updates(kernel: Kernel, model_id: str, since: int = 0) -> list[dict[str, Any]]:
+    """The state updates sent for one widget model (from iopub message ``since`` on)."""
+    return [
+        m
+        for m in kernel.iopub[since:]
+        if m["msg_type"] == "comm_msg"
+        and m["content"]["comm_id"] == model_id
+        and m["content"]["data"].get("method") == "update"
+    ]
+
+
+def during(kernel: Kernel, msg_id: str) -> tuple[int, int]:
+    """Indexes in kernel.iopub of the busy and idle status of the cell ``msg_id``."""
+    statuses = [
+        i
+        for i, m in enumerate(kernel.iopub)
+        if m["msg_type"] == "status" and m["parent_header"].get("msg_id") == msg_id
+    ]
+    return statuses[0], statuses[-1]
+
+
+CONTROLLER = "__import__('alma.notebook').notebook.controller_for(d)"
+
+
+@pytest.mark.timeout(120)
+def test_updates_flow_during_a_blocking_cell_after_the_controller_went_quiet(
+    tmp_path: Path, kernel: Kernel
+) -> None:
+    """The quickstart's resume cell, ``d.start(); d.join()``, run once the controller's
+    timer has ended: the controller still shows the run as it goes, says the kernel is
+    busy, and no button, display or cell end is needed to wake it."""
+    exp = write_experiment(tmp_path, instances=4, iterations=12, sleep=0.1)
+    kernel.run(f"import alma.experiment\nd = alma.experiment.load({str(exp)!r})\nd")
+    bar_id, status_id, busy_id = kernel.eval(
+        f"[{CONTROLLER}.bar.container.children[1].model_id, {CONTROLLER}.status_label.model_id,"
+        f" {CONTROLLER}.busy.model_id]"
+    )
+    quiet = "[t.name for t in __import__('threading').enumerate() if t.name == 'alma-controller']"
+    wait_for(lambda: kernel.eval(quiet) == [], timeout=30)  # the timer ended: gone quiet
+    blocking = kernel.run("d.start(); d.join()", timeout=90)
+    first, last = during(kernel, blocking)
+    inside = kernel.iopub[first:last]
+
+    values = [
+        m["content"]["data"]["state"]["value"]
+        for m in comm_updates(kernel, bar_id)
+        if m in inside and "value" in m["content"]["data"]["state"]
+    ]
+    assert len([v for v in values if 0 < v < 48]) >= 3, f"too few updates during the cell: {values}"
+    statuses = [m["content"]["data"]["state"].get("value") for m in comm_updates(kernel, status_id)]
+    assert "running" in statuses
+    notes = [
+        m["content"]["data"]["state"].get("value", "")
+        for m in comm_updates(kernel, busy_id)
+        if m in inside
+    ]
+    assert any("kernel busy: Stop acts when this cell ends" in n for n in notes), notes
+    # once the cell ended, the note goes and the display says finished
+    wait_for(lambda: kernel.eval(f"{CONTROLLER}.status_label.value") == "finished", timeout=10)
+    assert kernel.eval(f"{CONTROLLER}.busy.value") == ""
+
+
+def iopub_bytes(messages: list[dict[str, Any]]) -> int:
+    """Bytes of messages as they travel: header, parent header, metadata, content."""
+    parts = ("header", "parent_header", "metadata", "content")
+    return sum(len(json.dumps([m.get(k) for k in parts], default=str)) for m in messages)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_iopub_traffic_at_3000_files_while_running(tmp_path: Path, kernel: Kernel) -> None:
+    """The controller of a 3,000-file experiment, running at several hundred runs a
+    second: what it sends the browser (every iopub message while a cell sleeps) stays
+    under 20 KB/s, while the strip still shows the runs going on."""
+    exp = write_experiment(tmp_path, instances=3000, iterations=3, sleep=0.003)
+    kernel.run(f"import alma.experiment\nd = alma.experiment.load({str(exp)!r})\nd", 120)
+    kernel.run("d.start()")
+    wait_for(lambda: kernel.eval("d.progress.done") > 200, timeout=60)
+    window = kernel.run("import time\nt0 = time.monotonic(); time.sleep(8); t1 = time.monotonic()")
+    seconds = kernel.eval("t1 - t0")
+    done = kernel.eval("[d.progress.done, d.status]")
+    first, last = during(kernel, window)
+    sent = [m for m in kernel.iopub[first + 1 : last] if m["msg_type"] == "comm_msg"]
+    rate = iopub_bytes(sent) / seconds
+    by_model: dict[str, int] = {}
+    for m in sent:
+        comm = m["content"]["comm_id"]
+        by_model[comm] = by_model.get(comm, 0) + iopub_bytes([m])
+    names = kernel.eval(
+        "{k: type(w).__name__ + '.'.join(['', *getattr(w, '_dom_classes', ())])"
+        " for k, w in __import__('ipywidgets').widgets.widget._instances.items()}"
+    )
+    top = sorted(by_model.items(), key=lambda kv: -kv[1])[:6]
+    print(f"iopub at 3,000 files, running: {rate / 1000:.1f} KB/s ({len(sent)} messages):")
+    print(", ".join(f"{names.get(k, k)} {v / seconds / 1000:.1f} KB/s" for k, v in top))
+    assert done[1] == "running", "the experiment ended before the window closed"
+    strip = kernel.eval(f"[w.model_id for w in {CONTROLLER}.instances.parts]")
+    assert [m for m in sent if m["content"]["comm_id"] in strip[2:]], "the strip stood still"
+    assert rate < 20_000, f"{rate / 1000:.1f} KB/s of iopub traffic"
+    kernel.run("d.stop()", timeout=60)
+
+
+@pytest.mark.timeout(120)
+def test_the_displaying_cell_carries_a_snapshot_kept_current(
+    tmp_path: Path, kernel: Kernel
+) -> None:
+    """Beside the widget, an output of its own: text/html with a display_id, updated
+    with update_display (what a notebook saved and read without a kernel shows)."""
+    exp = write_experiment(tmp_path, instances=3, iterations=4, sleep=0.01)
+    shown = kernel.run(f"import alma.experiment\nd = alma.experiment.load({str(exp)!r})\nd")
+    mine = [m for m in kernel.iopub if m["parent_header"].get("msg_id") == shown]
+    displays = [m for m in mine if m["msg_type"] in ("display_data", "execute_result")]
+    snaps = [m for m in displays if "text/html" in m["content"]["data"]]
+    assert len(snaps) == 1 and len(displays) == 2  # the snapshot and the widget view
+    snap = snaps[0]["content"]
+    display_id = snap["transient"]["display_id"]
+    assert "alma-snapshot" in snap["data"]["text/html"]
+    assert "slow: <b>idle</b>" in snap["data"]["text/html"]
+    assert "0/12 finished" in snap["data"]["text/html"]
+    assert "application/vnd.jupyter.widget-view+json" not in snap["data"]
+    kernel.run("d.start(); d.join()")
+    updates = [
+        m["content"]
+        for m in kernel.iopub
+        if m["msg_type"] == "update_display_data"
+        and m["content"]["transient"]["display_id"] == display_id
+    ]
+    assert updates, "the snapshot was never updated"
+    last = updates[-1]["data"]["text/html"]
+    assert "slow: <b>finished</b>" in last and "12/12 finished" in last, last[:300]
 
 
 @pytest.mark.slow

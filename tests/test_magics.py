@@ -166,6 +166,26 @@ def test_retry_runs_failed_again(
     assert d.progress.failed == 0 and d.progress.pending == 2
 
 
+def test_reset_forgets_failed_or_all(
+    shell: InteractiveShell, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    exp = write_experiment(tmp_path, {"a.txt": 1, "bad.txt": 1})
+    shell.run_line_magic("alma", f"start {exp}")
+    d = magics_of(shell).dispatcher
+    assert d is not None
+    d.join(timeout=30)
+    assert (d.progress.done, d.progress.failed) == (2, 2)
+    capsys.readouterr()
+    shell.run_line_magic("alma", "reset --failed")
+    assert "2 failed run(s) forgotten. Start with %alma start." in capsys.readouterr().out
+    assert (d.progress.done, d.progress.failed) == (2, 0)
+    shell.run_line_magic("alma", "reset")
+    assert "2 finished run(s) forgotten." in capsys.readouterr().out
+    assert d.progress.done == 0 and d.progress.pending == 4
+    with pytest.raises(UsageError, match="only --failed"):
+        shell.run_line_magic("alma", "reset --all")
+
+
 def test_alma_errors_propagate_unchanged(shell: InteractiveShell, tmp_path: Path) -> None:
     import alma
 

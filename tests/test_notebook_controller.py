@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import subprocess
 import sys
 import threading
@@ -20,7 +21,8 @@ from notebook_helpers import controller_threads, make_dispatcher, wait_for
 import alma.notebook
 import alma.notebook.registry
 from alma.notebook import controller as controller_mod
-from alma.notebook.controller import IDLE_GRACE, Controller, _instances_html
+from alma.notebook import strip, watch
+from alma.notebook.controller import IDLE_GRACE, Controller
 
 # A run that checkpoints often: stop() interrupts it at its next save_callback.
 GATE = threading.Event()
@@ -48,6 +50,11 @@ def failing_run(instance: str, save_callback: Any, state: Any, iteration: int) -
     if instance.endswith("f0001.txt"):
         raise ValueError(f"bad input in {Path(instance).name}")
     return {"value": iteration}
+
+
+def bar_text(c: Controller) -> str:
+    """The text right of the bar, as read (tqdm pads it with figure spaces)."""
+    return str(c.bar.container.children[2].value).replace("\u2007", " ")
 
 
 @pytest.fixture
@@ -99,7 +106,7 @@ def test_start_button_runs_to_finished(tmp_path: Path, cleanup: list[Any]) -> No
     assert pbar.bar_style == "success"
     assert c.start_button.disabled and c.stop_button.disabled
     assert "done <b>20</b>" in c.counts.value
-    assert c.instances.value.count("alma-cell-complete") == 4
+    assert c.instances.html.count("alma-cell-complete") == 4
 
 
 def test_stop_button_does_not_block_and_shows_stopping(tmp_path: Path, cleanup: list[Any]) -> None:
@@ -157,21 +164,115 @@ def test_start_error_is_shown_not_raised(
     assert "another process" in c.message.value
 
 
-def test_last_error_behind_a_toggle(tmp_path: Path, cleanup: list[Any]) -> None:
+def test_failures_grouped_behind_a_toggle_in_a_warning_style(
+    tmp_path: Path, cleanup: list[Any]
+) -> None:
     d = make_dispatcher(tmp_path, failing_run, instances=3, iterations=2)
     c = Controller(d)
     cleanup += [c, d]
     assert c.error.layout.display == "none"
+    assert c.retry_button.disabled  # nothing failed yet
     c.start_button.click()
     d.join(timeout=20)
     wait_for(lambda: c.status_label.value == "finished", timeout=5)
     assert c.error.layout.display != "none"
     assert c.error.selected_index is None  # folded until the user opens it
-    assert "bad input in f0001.txt" in c.error.titles[0]
-    assert "Traceback" in c.error_text.value and "ValueError" in c.error_text.value
+    assert c.error.titles[0] == "Errors: 2 failed runs (1 kind)"
+    panel = c.error_text.value
+    assert panel.count("alma-error-group") == 1  # two runs, one kind of error
+    assert "<b>2</b>" in panel and "ValueError: bad input in f0001.txt" in panel
+    assert re.search(r"e\.g\. \S*f0001\.txt #[01]<", panel)  # an example run
+    assert "<details>" in panel and "Traceback" in panel  # behind a toggle
     assert "failed <b>2</b>" in c.counts.value
+    # a few failed runs are a warning, not the red bar of a crash
+    assert c.bar.container.children[1].bar_style == "warning"
+    assert "2 failed" in bar_text(c)
+    assert c.instances.html.count("alma-cell-failing") == 1
+    assert not c.retry_button.disabled
+
+
+def test_retry_failed_runs_them_again(tmp_path: Path, cleanup: list[Any]) -> None:
+    d = make_dispatcher(tmp_path, failing_run, instances=3, iterations=2)
+    c = Controller(d)
+    cleanup += [c, d]
+    d.start()
+    assert d.join(timeout=20) is True
+    c.refresh()
+    assert d.progress.failed == 2
+    c.retry_button.click()  # forgets them and starts: they fail again, once each
+    assert d.join(timeout=20) is True
+    wait_for(lambda: c.status_label.value == "finished", timeout=5)
+    assert "2 failed runs will run again." in c.busy.value
+    runs = d.results
+    assert len(runs) == 6 and (runs["attempts"] == 1).all()
+    assert sorted(runs[runs["status"] == "failed"]["iteration"]) == [0, 1]
+
+
+def test_a_halted_session_is_the_only_red_bar(tmp_path: Path, cleanup: list[Any]) -> None:
+    from alma.errors import StateError
+
+    d = make_dispatcher(tmp_path, quick_run, instances=2, iterations=1)
+    c = Controller(d)
+    cleanup += [c, d]
+    d.start()
+    assert d.join(timeout=20)
+    # what a failed write leaves: the session's reason and the error front-ends show
+    d._halted = StateError("State file x.sqlite: saving failed (disk full).")
+    d.last_error = alma.RunError("", -1, str(d._halted), "")
+    c.refresh()
     assert c.bar.container.children[1].bar_style == "danger"
-    assert c.instances.value.count("alma-cell-failing") == 1
+    assert c.error.titles[0].startswith("Stopped by an error: State file x.sqlite")
+
+
+def test_finished_shows_this_sessions_time_and_rate(tmp_path: Path, cleanup: list[Any]) -> None:
+    d = make_dispatcher(tmp_path, quick_run, instances=3, iterations=4)
+    c = Controller(d)
+    cleanup += [c, d]
+    assert "run/s" not in bar_text(c)  # no session yet: counts only
+    d.start()
+    assert d.join(timeout=20)
+    c.refresh()
+    text = bar_text(c)
+    assert "12/12" in text and "this session" in text
+    rate = d.progress.rate
+    assert rate and "?" not in text and "run/s" in text
+
+
+def test_a_resumed_session_shows_its_own_numbers(tmp_path: Path, cleanup: list[Any]) -> None:
+    d = make_dispatcher(tmp_path, slow_run, instances=2, iterations=2, workers=2)
+    d.start()
+    wait_for(lambda: d.progress.done >= 2, timeout=20)
+    d.stop()
+    d.close()
+    d = make_dispatcher(tmp_path, slow_run, instances=2, iterations=2, workers=2)
+    c = Controller(d)
+    cleanup += [c, d]
+    shown = bar_text(c)
+    assert "this session" not in shown and "run/s" not in shown  # none in this process
+    d.start()
+    assert d.join(timeout=20)
+    c.refresh()
+    p = d.progress
+    assert p.elapsed < 5  # this session's clock, not the first one's
+    assert "this session" in bar_text(c)
+
+
+def test_running_now_is_folded_and_lists_runs_in_flight(tmp_path: Path, cleanup: list[Any]) -> None:
+    d = make_dispatcher(tmp_path, gated_run, instances=2, iterations=1, workers=2)
+    c = Controller(d)
+    cleanup += [c, d]
+    assert c.running_now.selected_index is None
+    c.start_button.click()
+    wait_for(lambda: d.progress.running == 2, timeout=10)
+    c.refresh()
+    assert c.running_now.titles[0] == "Running now (2)"
+    assert c.running_text.value == ""  # folded: not even read
+    c.running_now.selected_index = 0  # the user unfolds it: drawn at once
+    table = c.running_text.value
+    assert "f0000.txt" in table and "f0001.txt" in table and "#0" in table
+    assert "running for" in table
+    GATE.set()
+    assert d.join(timeout=20)
 
 
 def test_ui_error_never_reaches_the_engine(
@@ -226,7 +327,7 @@ def test_a_cell_that_starts_and_joins_refreshes_a_shown_controller(
     assert c.status_label.value == "idle"
     d.start()
     d.join(timeout=20)
-    controller_mod._after_cell()  # what IPython's post_run_cell event calls
+    watch._after_cell()  # what IPython's post_run_cell event calls
     wait_for(lambda: c.status_label.value == "finished")
 
 
@@ -313,7 +414,8 @@ def test_instance_strip_reads_at_a_glance_for_many_files() -> None:
     done = [30 if i < 50 else 10 if i < 100 else 0 for i in range(n)]
     failed = [1 if i == 7 else 0 for i in range(n)]
     running = [1 if 100 <= i < 103 else 0 for i in range(n)]
-    page = _instances_html(names, done, failed, running, [30] * n)
+    legend, cells = strip.picture(names, done, failed, running, [30] * n)
+    page = legend + "".join(cells)
     assert page.count("class='alma-cell ") == n
     assert page.count("alma-cell-complete") == 49
     assert page.count("alma-cell-failing") == 1
@@ -325,11 +427,12 @@ def test_instance_strip_reads_at_a_glance_for_many_files() -> None:
 
 
 def test_instance_strip_groups_huge_batches() -> None:
-    n = controller_mod.MAX_CELLS * 4 + 1
-    page = _instances_html(
+    n = strip.MAX_CELLS * 4 + 1
+    legend, cells = strip.picture(
         [str(i) for i in range(n)], [0] * n, [0] * (n - 1) + [1], [0] * n, [1] * n
     )
-    assert page.count("class='alma-cell ") <= controller_mod.MAX_CELLS
+    page = legend + "".join(cells)
+    assert page.count("class='alma-cell ") <= strip.MAX_CELLS
     assert "one cell = 5 instances" in page
     assert page.count("alma-cell-failing") == 1  # a failure stays visible when grouped
 
@@ -391,3 +494,49 @@ def test_a_run_in_another_process_is_watched_not_shown_paused(
     finally:
         assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
     wait_for(lambda: c.status_label.value == "finished", timeout=10)
+
+
+def scored_run(instance: str, save_callback: Any, state: Any, iteration: int) -> dict[str, Any]:
+    if instance.endswith("f0002.txt") and iteration == 0:
+        raise ValueError("no convergence")
+    n = int(Path(instance).read_text())
+    return {"score": n * 10 + iteration, "label": f"n{n}", "steps": iteration}
+
+
+def test_results_view_costs_nothing_folded_and_summarises_when_open(
+    tmp_path: Path, cleanup: list[Any]
+) -> None:
+    d = make_dispatcher(tmp_path, scored_run, instances=3, iterations=3)
+    c = Controller(d)
+    cleanup += [c, d]
+    d.start()
+    assert d.join(timeout=20)
+    c.refresh()
+    view = c.results
+    assert view.selected_index is None and view.reads == 0  # folded: never read
+    view.selected_index = 0  # the user opens it: drawn at once
+    assert view.reads == 1
+    assert list(view.column.options) == ["score", "steps"]  # numeric result columns
+    assert view.column.value == "score"
+    table = view.table.value
+    # f0001: scores 10, 11, 12 -> mean 11, min 10, max 12; f0002 has one failed run
+    assert "<td>" + str(tmp_path / "data" / "f0001.txt") + "</td>" in table
+    assert ">11</td>" in table and ">10</td>" in table and ">12</td>" in table
+    c.refresh()
+    assert view.reads == 1  # no new run committed: not read again
+    view.sort.value = "failed"
+    first_row = view.table.value.split("<tr>")[2]
+    assert "f0002.txt" in first_row  # failing instances first when sorted by failed
+    view.column.value = "steps"
+    assert view.reads == 3 and ">2</td>" in view.table.value
+
+
+def test_results_view_plots_with_matplotlib(tmp_path: Path, cleanup: list[Any]) -> None:
+    pytest.importorskip("matplotlib")
+    d = make_dispatcher(tmp_path, scored_run, instances=3, iterations=3)
+    c = Controller(d)
+    cleanup += [c, d]
+    d.start()
+    assert d.join(timeout=20)
+    c.results.selected_index = 0
+    assert c.results.plot.value.startswith("<svg")

@@ -123,6 +123,11 @@ class Executor(ABC):
         for n in range(self.workers):
             threading.Thread(target=body, name=f"{name}-{n}", daemon=True).start()
 
+    @property
+    def dashboard(self) -> str | None:
+        """A web page showing this executor at work (e.g. Dask's dashboard), if any."""
+        return None
+
     def stop(self) -> None:  # noqa: B027 - optional hook
         """A stop was asked: ``next_task`` returns None from now on. Abort runs in
         flight if you can (their checkpoints are kept); by default they end at their

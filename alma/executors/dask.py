@@ -160,6 +160,15 @@ class DaskExecutor(Executor):
         )
         self._thread.start()
 
+    @property
+    def dashboard(self) -> str | None:
+        """The Dask dashboard of the cluster in use (None before it is reached)."""
+        client = self._client
+        try:
+            return str(client.dashboard_link) if client is not None else None
+        except Exception:  # no dashboard (bokeh missing, or none configured)
+            return None
+
     def stop(self) -> None:
         """Tell workers the session stops, then cancel the tasks that have not started."""
         with self._lock:

@@ -29,17 +29,21 @@ import html
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import ipywidgets as widgets
 from tqdm.notebook import tqdm as tqdm_notebook
 
+from . import render, strip, watch
 from .registry import open_controllers, register, touch, unregister
+from .results import ResultsView
 from .shell import quiet_pauses
+from .snapshot import Snapshot
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from ..dispatcher import Dispatcher, Progress
     from ..records import RunError
 
@@ -47,29 +51,24 @@ __all__ = ["Controller"]
 
 log = logging.getLogger(__name__)
 
-#: Seconds between redraws while runs go on (about 7 per second).
-INTERVAL = 0.15
-#: Seconds between per-instance view refreshes while running (it reads a DataFrame).
+#: Seconds between redraws while runs go on (4 per second: each redraw sends a few
+#: comm messages of ~0.7 KB, mostly headers; see docs/notebook.md for the traffic).
+INTERVAL = 0.25
+#: Seconds between refreshes of the counts and the per-instance view while running (the
+#: view reads a DataFrame).
 INSTANCES_INTERVAL = 0.5
-#: Seconds the timer keeps polling after the dispatcher went quiet, then it ends.
-IDLE_GRACE = 2.0
-#: Above this many instances, one cell of the instance view stands for several.
-MAX_CELLS = 1500
+#: Seconds between readings of the grouped failures while more keep coming (a query).
+ERRORS_INTERVAL = 2.0
+#: Seconds the timer keeps polling after the dispatcher went quiet (see watch.py).
+IDLE_GRACE = watch.IDLE_GRACE
+#: A cell that has run this long while the experiment runs is a blocking one.
+BUSY_AFTER = 1.0
+#: What the controller says while a cell blocks the kernel (clicks wait for its end).
+BUSY_NOTE = "kernel busy: Stop acts when this cell ends, or interrupt the kernel to pause now"
 
 #: Shown while another process or kernel runs the experiment: this view only watches.
 ELSEWHERE = "running elsewhere"
 _ACTIVE = ("running", "stopping", ELSEWHERE)
-
-# Per-instance colours: (css class suffix, colour, legend label).
-_KINDS = {
-    "failing": ("#d9534f", "failing"),
-    "running": ("#3b82c4", "running"),
-    "complete": ("#2e7d32", "all done"),
-    "partial": ("#9ccc65", "partly done"),
-    "untouched": ("#d6d6d6", "untouched"),
-}
-# When one cell stands for several instances, the most telling status wins.
-_RANK = {"failing": 4, "running": 3, "partial": 2, "complete": 1, "untouched": 0}
 
 
 class Controller(widgets.VBox):
@@ -85,9 +84,10 @@ class Controller(widgets.VBox):
         self.interval = max(float(interval), 0.1)  # at most ~10 redraws per second
         self._dispatcher: Dispatcher | None = dispatcher
         self._draw_lock = threading.RLock()
-        self._clock = _Timer()
+        self._clock = watch.Timer()
         self._stopper: threading.Thread | None = None
         self._message = ""
+        self._note = ""
         self._ui_error_logged = False
         #: How many redraws raised (each is logged once, then ignored).
         self.ui_errors = 0
@@ -95,36 +95,68 @@ class Controller(widgets.VBox):
         # (ipykernel 7 routes a comm message by it; see the module docstring).
         self._context = contextvars.copy_context()
         self._instances_key: Any = None
+        self._instances_picture = strip.Picture("", [])
         self._instances_at = 0.0
+        self._errors_key: Any = None
+        self._errors_at = 0.0
         self._last_status = ""
         #: Whether Start runs the experiment in a detached runner (it outlives the
         #: kernel); set once this controller has seen the experiment run elsewhere, so
         #: Start resumes a detached runner detached again. The Start button says so.
         self.detach = False
+        self.snapshot = Snapshot()
 
         name = html.escape(dispatcher.spec.name)
         self.heading = _html("alma-title", f"<b>alma</b> · {name}")
-        self.start_button, self.stop_button = _buttons()
+        self.start_button, self.stop_button, self.retry_button = _buttons()
         self.start_button.on_click(self._on_start)
         self.stop_button.on_click(self._on_stop)
+        self.retry_button.on_click(self._on_retry)
         self.status_label = _styled(widgets.Label(value=""), "alma-status")
         self.bar = _make_bar(dispatcher.spec.total)
         self.counts = _html("alma-counts")
         self.message = _html("alma-message")
-        self.error, self.error_text = _error_panel()
-        self.instances = _html("alma-instances")
+        self.busy = _html("alma-busy")
+        self.error, self.error_text = _folded("alma-error", hidden=True)
+        self.running_now, self.running_text = _folded("alma-running-now")
+        self.running_now.observe(lambda _change: self.refresh(), names="selected_index")
+        self.instances = strip.Strip()
+        params = frozenset(n for c in dispatcher.spec.params for n in c.params)
+        self.results = ResultsView(self._read_results, params)
+        self.results.observe(lambda _change: self.refresh(), names="selected_index")
+        self.dashboard = _html("alma-dashboard")
         header = widgets.HBox(
-            [self.start_button, self.stop_button, widgets.HTML("status:"), self.status_label],
+            [
+                self.start_button,
+                self.stop_button,
+                self.retry_button,
+                widgets.HTML("status:"),
+                self.status_label,
+                self.dashboard,
+            ],
             layout=widgets.Layout(align_items="center"),
         )
-        parts = [self.bar.container, self.counts, self.message, self.error, self.instances]
-        super().__init__(children=[self.heading, header, *parts])
+        parts = [
+            self.bar.container,
+            self.counts,
+            self.busy,
+            self.message,
+            self.error,
+            self.running_now,
+            self.results,
+            self.instances,
+        ]
+        self.style_sheet = _html("alma-style", render.STYLE)
+        super().__init__(children=[self.style_sheet, self.heading, header, *parts])
         self.add_class("alma-controller")
 
         _retire_others(dispatcher)
         register(dispatcher, self)
-        _live.add(self)
-        _install_cell_hook()
+        shell = watch.current_shell()
+        watch.install(shell)  # follow the kernel's cells (a blocking one, their ends)
+        if shell is not None:
+            quiet_pauses(shell)  # an interrupted join() prints one line
+        watch.add(self)
         self.refresh()
         if dispatcher.running:
             self.follow()
@@ -185,7 +217,25 @@ class Controller(widgets.VBox):
         bundle = super()._repr_mimebundle_(**kwargs)
         if bundle is not None and self._dispatcher is not None:
             bundle["text/plain"] = repr(self._dispatcher)
+            try:  # an output of its own, for a notebook saved and read without a kernel
+                self.snapshot.show(*self._snapshot())
+            except Exception:
+                log.debug("alma controller: showing the snapshot failed", exc_info=True)
         return bundle
+
+    def _snapshot(self) -> tuple[str, str]:
+        """The still picture (HTML, plain text) of what the controller shows now."""
+        d = self._dispatcher
+        if d is None:
+            return "", ""
+        p = d.progress  # read now: the timer may not have redrawn since the cell's end
+        return render.snapshot_html(d.spec.name, p, self._status(d, p)), repr(d)
+
+    def update_snapshot(self, now: bool = True) -> None:
+        """Bring the saved snapshot up to date (``now``: else at most every few seconds);
+        the post-cell hook calls it in each cell's context, so nbclient records it too."""
+        if self._dispatcher is not None:
+            self.snapshot.update(*self._snapshot(), now=now)
 
     def _send_full_state(self) -> None:
         """Resend every part's state from this cell: front-ends that only keep messages
@@ -194,13 +244,19 @@ class Controller(widgets.VBox):
         parts = [
             self.start_button,
             self.stop_button,
+            self.retry_button,
             self.status_label,
             self.counts,
             self.message,
+            self.busy,
             self.error,
             self.error.layout,
             self.error_text,
-            self.instances,
+            self.running_now,
+            self.running_text,
+            *self.results.parts,
+            self.dashboard,
+            *self.instances.parts,
             *self.bar.container.children,  # text, bar, text
         ]
         try:
@@ -215,7 +271,7 @@ class Controller(widgets.VBox):
         d = self._dispatcher
         if d is None:
             return
-        self._message = ""
+        self._message = self._note = ""
         try:
             if self.detach:  # returns once the runner holds the lock (about 0.4 s)
                 d.start(detach=True)
@@ -230,12 +286,28 @@ class Controller(widgets.VBox):
         d = self._dispatcher
         if d is None or self._stopping():
             return
-        self._message = ""
+        self._message = self._note = ""
         # stop() waits for in-flight runs to wind down: never in the kernel's thread.
         self._stopper = threading.Thread(
             target=self._stop_in_background, args=(d,), name="alma-stop", daemon=True
         )
         self._stopper.start()
+        self.refresh()
+        self.follow()
+
+    def _on_retry(self, _button: Any = None) -> None:
+        d = self._dispatcher
+        if d is None:
+            return
+        try:
+            n = d.retry_failed()  # a few milliseconds: one deletion through the writer
+            if not d.running:
+                d.start()
+            self._message = ""
+            self._errors_key = None  # read the failures again now
+            self._note = f"{n} failed run{'s' if n != 1 else ''} will run again."
+        except Exception as exc:  # e.g. LockedError
+            self._message = f"Could not retry: {exc}"
         self.refresh()
         self.follow()
 
@@ -266,57 +338,102 @@ class Controller(widgets.VBox):
                     exc_info=True,
                 )
 
+    def _status(self, d: Dispatcher, p: Progress) -> str:
+        """What the status label says: the dispatcher's status, and what it cannot know
+        (a stop asked from here, a runner elsewhere)."""
+        status: str = p.status
+        if status == "running" and self._stopping():
+            status = "stopping"  # the stop thread may not have reached the engine yet
+        elif status in ("idle", "paused") and d.running_elsewhere:
+            # e.g. `alma run` in a terminal: keep watching it; Stop pauses it
+            status = "stopping" if self._stopping() else ELSEWHERE
+        return status
+
     def _redraw(self, force: bool = False) -> None:
         with self._draw_lock:
             d = self._dispatcher
             if d is None:
                 return
             p = d.progress
-            status: str = p.status
-            if status == "running" and self._stopping():
-                status = "stopping"  # the stop thread may not have reached the engine yet
-            elif status in ("idle", "paused") and d.running_elsewhere:
-                # e.g. `alma run` in a terminal: keep watching it; Stop pauses it
-                status = "stopping" if self._stopping() else ELSEWHERE
+            status = self._status(d, p)
             changed = status != self._last_status
             self._last_status = status
             now = time.monotonic()
-            if force or changed or now - self._instances_at >= INSTANCES_INTERVAL:
+            slow_parts = force or changed or now - self._instances_at >= INSTANCES_INTERVAL
+            if slow_parts:
                 self._instances_at = now
-                self._draw_instances(d)
+                self._draw_instances(d, whole=force or changed)
+                self.results.refresh(p.finished)  # folded: returns at once
+                self.dashboard.value = _dashboard_html(d.dashboard if d.running else None)
+            halted = d.last_error if d.halted is not None else None
             with self.hold_sync():
-                self._draw_bar(p, status)
-                self.counts.value = _counts_html(p)
-                self.message.value = _message_html(self._message)
-                self._draw_error(d.last_error)
+                self._draw_bar(p, status, halted is not None)
+                if slow_parts:  # the bar says how far it is 4 times a second already
+                    self.counts.value = render.counts_html(p)
+                self.message.value = render.message_html(self._message)
+                self.busy.value = render.busy_html(_busy_note(status) or self._note)
+                self._draw_errors(d, p, halted, now)
+                self._draw_running(d, p)
                 # Status and buttons last: once they say "finished", the rest says so too.
                 self.status_label.value = status
-                self._set_buttons(status)
+                self._set_buttons(status, p)
+            if changed or status not in _ACTIVE:  # what JupyterLab would save is current
+                self.snapshot.update(
+                    render.snapshot_html(d.spec.name, p, status), repr(d), now=changed
+                )
 
-    def _set_buttons(self, status: str) -> None:
-        """Which buttons work, and what Start does. A runner elsewhere (detached, a
-        terminal, another kernel) can be stopped from here; once this controller has
-        seen one, Start resumes it detached again, and its label says so."""
+    def _read_results(self) -> pd.DataFrame:
+        """The one read of results the Results view makes (swap it for an incremental
+        reader here)."""
+        d = self._dispatcher
+        if d is None:
+            import pandas as pd
+
+            return pd.DataFrame({"instance": [], "status": []})
+        return d.results
+
+    def _set_buttons(self, status: str, p: Progress) -> None:
+        """Which buttons can act now, and what Start does: the one place that decides
+        it. A runner elsewhere (detached, a terminal, another kernel) can be stopped
+        from here; once this controller has seen one, Start resumes it detached again,
+        and its label says so."""
         if status == ELSEWHERE:
             self.detach = True
         self.start_button.disabled = status not in ("idle", "paused")
         self.stop_button.disabled = status not in ("running", ELSEWHERE)
+        self.retry_button.disabled = not p.failed or status in ("stopping", ELSEWHERE)
         label = "Start detached" if self.detach else "Start"
         if self.start_button.description != label:
             self.start_button.description = label
 
-    def _draw_bar(self, p: Progress, status: str) -> None:
-        self.bar.show(p, status)
+    def _draw_bar(self, p: Progress, status: str, halted: bool = False) -> None:
+        self.bar.show(p, status, halted)
 
-    def _draw_error(self, err: RunError | None) -> None:
-        if err is None:
+    def _draw_errors(self, d: Dispatcher, p: Progress, halted: RunError | None, now: float) -> None:
+        """The folded error panel: failures grouped by error, read from the state file
+        when the failed count changed (at most every ERRORS_INTERVAL while it grows)."""
+        key = (p.failed, halted)
+        if key == self._errors_key:
+            return
+        recent = self._errors_key is not None and now - self._errors_at < ERRORS_INTERVAL
+        if recent and self._errors_key[0] and p.failed:  # more of the same: catch up later
+            return
+        self._errors_key, self._errors_at = key, now
+        if not p.failed and halted is None:
             self.error.layout.display = "none"
             return
-        self.error.titles = (_error_title(err),)
-        self.error_text.value = _error_html(err)
+        groups = d.failures if p.failed else []
+        self.error.titles = (render.errors_title(p.failed, len(groups), halted),)
+        self.error_text.value = render.errors_html(groups, halted)
         self.error.layout.display = ""
 
-    def _draw_instances(self, d: Dispatcher) -> None:
+    def _draw_running(self, d: Dispatcher, p: Progress) -> None:
+        """The folded list of runs in flight: only its title costs while folded."""
+        self.running_now.titles = (f"Running now ({p.running})",)
+        if self.running_now.selected_index == 0:
+            self.running_text.value = render.running_html(d.in_flight)
+
+    def _draw_instances(self, d: Dispatcher, whole: bool) -> None:
         frame = d.state
         names = [str(x) for x in frame["instance"]]
         done, failed, running, iterations = (
@@ -324,10 +441,12 @@ class Controller(widgets.VBox):
             for column in ("done", "failed", "running", "iterations")
         )
         key = (tuple(done), tuple(failed), tuple(running))
-        if key == self._instances_key:
-            return  # nothing changed: send nothing to the browser
+        if key == self._instances_key and not whole:
+            self.instances.show(self._instances_picture, whole)  # chunks still waiting
+            return
         self._instances_key = key
-        self.instances.value = _instances_html(names, done, failed, running, iterations)
+        self._instances_picture = strip.picture(names, done, failed, running, iterations)
+        self.instances.show(self._instances_picture, whole)
 
     # -- timer ---------------------------------------------------------------------
 
@@ -349,6 +468,21 @@ class Controller(widgets.VBox):
             self._safe_redraw()
         return self._last_status in _ACTIVE or self._stopping()
 
+    def _needs_follow(self, after_cell: bool = False) -> bool:
+        """True when the timer sleeps but should redraw: the dispatcher runs (asked by
+        the watcher twice a second, so a blocking cell gets updates), or, at the end of
+        a cell, the cell changed what the display last showed (after
+        ``d.start(detach=True)``, the runner elsewhere is worth watching too)."""
+        d = self._dispatcher
+        if d is None or self._clock.alive:
+            return False
+        if d.running:
+            return True
+        if not after_cell:
+            return False
+        stale = d.status != self._last_status or d.running_elsewhere is not None
+        return self._last_status in _ACTIVE or stale
+
     def _retire(self) -> None:
         """A newer controller shows the same experiment: let go of the old dispatcher
         (and its open state file) and say so, instead of showing stale numbers."""
@@ -358,6 +492,7 @@ class Controller(widgets.VBox):
             try:
                 self.start_button.disabled = True
                 self.stop_button.disabled = True
+                self.retry_button.disabled = True
                 self.status_label.value = "replaced"
                 self.message.value = (
                     "<i>This experiment was loaded again; the newer controller is live.</i>"
@@ -393,18 +528,40 @@ def _html(css_class: str, value: str = "") -> widgets.HTML:
     return _styled(widgets.HTML(value), css_class)
 
 
-def _buttons() -> tuple[widgets.Button, widgets.Button]:
-    """Start and Stop."""
-    start = widgets.Button(
-        description="Start", icon="play", button_style="success", tooltip="Start or resume"
-    )
+def _buttons() -> tuple[widgets.Button, widgets.Button, widgets.Button]:
+    """Start, Stop and Retry failed, in the theme's own button colours (ipywidgets'
+    coloured styles put white text on light green or orange: too little contrast)."""
+    start = widgets.Button(description="Start", icon="play", tooltip="Start or resume")
     stop = widgets.Button(
         description="Stop",
         icon="stop",
-        button_style="warning",
         tooltip="Pause: no new runs, in-flight runs end and are saved",
     )
-    return _styled(start, "alma-start"), _styled(stop, "alma-stop")
+    retry = widgets.Button(
+        description="Retry failed",
+        icon="redo",
+        tooltip="Forget the failed runs and run them again",
+    )
+    return (
+        _styled(start, "alma-start"),
+        _styled(stop, "alma-stop"),
+        _styled(retry, "alma-retry"),
+    )
+
+
+def _dashboard_html(url: str | None) -> str:
+    if not url:
+        return ""
+    link = html.escape(url, quote=True)
+    return f"<a href='{link}' target='_blank' style='margin-left:12px'>Dask dashboard</a>"
+
+
+def _busy_note(status: str) -> str:
+    """What to say while a cell blocks the kernel and the experiment runs: clicks are
+    handled between cells, so Stop would only act once that cell ends."""
+    if status not in ("running", "stopping") or watch.cell_busy_for() < BUSY_AFTER:
+        return ""
+    return BUSY_NOTE
 
 
 def _make_bar(total: int) -> _Bar:
@@ -415,14 +572,15 @@ def _make_bar(total: int) -> _Bar:
     return bar
 
 
-def _error_panel() -> tuple[widgets.Accordion, widgets.HTML]:
-    """The last error: a folded accordion (hidden while there is none) and its text."""
+def _folded(css_class: str, hidden: bool = False) -> tuple[widgets.Accordion, widgets.HTML]:
+    """A folded one-section accordion and the HTML inside it."""
     text = widgets.HTML()
-    error = widgets.Accordion(children=[text])
-    error.selected_index = None  # the traceback stays folded until asked for
-    error.layout.display = "none"
-    error.add_class("alma-error")
-    return error, text
+    section = widgets.Accordion(children=[text])
+    section.selected_index = None  # folded until asked for
+    if hidden:
+        section.layout.display = "none"
+    section.add_class(css_class)
+    return section, text
 
 
 def _close_all(children: Iterable[widgets.Widget]) -> None:
@@ -439,14 +597,18 @@ def _close_all(children: Iterable[widgets.Widget]) -> None:
 
 class _Bar(tqdm_notebook):  # type: ignore[misc]
     """tqdm's notebook bar fed from a dispatcher snapshot instead of update() calls, so
-    rate and ETA are the dispatcher's own (this session's runs only)."""
+    elapsed time, rate and ETA are the dispatcher's own: this session's, frozen when it
+    ended (a resumed experiment does not show the previous session's numbers)."""
 
     monitor_interval = 0  # no tqdm monitor thread: our timer drives every redraw
 
+    #: Once this session's clock stopped (paused, finished): its time and rate, no ETA.
+    ENDED = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed} this session, {rate_fmt}{postfix}]"
+    #: No session in this process (loaded finished, or run elsewhere): counts only.
+    COUNTS = "{l_bar}{bar}| {n_fmt}/{total_fmt}{postfix}"
+
     snapshot: tuple[int, int, float, float | None] | None = None
-    # Elapsed time and rate as of the last redraw while active: the clock stops after.
-    frozen_elapsed = 0.0
-    frozen_rate: float | None = None
+    bar_format: str | None
 
     @property
     def format_dict(self) -> dict[str, Any]:
@@ -457,227 +619,29 @@ class _Bar(tqdm_notebook):  # type: ignore[misc]
             d.update(n=n, total=total, elapsed=elapsed, rate=rate, initial=n)
         return d
 
-    def show(self, p: Progress, status: str) -> None:
-        """Draw ``p`` as seen by a controller whose status is ``status``."""
-        if status in _ACTIVE:
-            self.frozen_elapsed, self.frozen_rate = p.elapsed, p.rate
-            rate = p.rate
-        elif status == "finished":  # the clock stops; the session's rate stays of interest
-            rate = self.frozen_rate
-        else:  # paused or idle: the clock stops, and a rate (with its ETA) would mislead
-            rate = None
-        self.snapshot = (p.finished, p.total, self.frozen_elapsed, rate)
+    def show(self, p: Progress, status: str, halted: bool = False) -> None:
+        """Draw ``p`` as seen by a controller whose status is ``status``; ``halted``: the
+        session stopped because alma's own machinery failed (the only red bar)."""
+        if status == ELSEWHERE or not p.elapsed:
+            self.bar_format = self.COUNTS
+        elif status in _ACTIVE:
+            self.bar_format = None  # tqdm's own: elapsed<remaining, rate
+        else:
+            self.bar_format = self.ENDED
+        self.snapshot = (p.finished, p.total, p.elapsed, p.rate)
+        self.postfix = f"{p.failed} failed" if p.failed else None
         self.n = p.finished
         pbar = self.container.children[1]
         if pbar.max != p.total:
             pbar.max = p.total
             self.total = p.total
-        if p.failed:
+        if halted:
             style = "danger"
+        elif p.failed:
+            style = "warning"  # some runs failed; the experiment itself is fine
         elif status == "finished":
             style = "success"
         else:
             style = ""
         pbar.bar_style = style
         self.display(check_delay=False)
-
-
-# -- drawing -------------------------------------------------------------------------
-
-
-def _message_html(message: str) -> str:
-    return f"<span style='color:#b00020'>{html.escape(message)}</span>" if message else ""
-
-
-def _error_title(err: RunError) -> str:
-    # The error first: a long instance path must not push it out of the title.
-    where = f" (in {err.instance.rsplit('/', 1)[-1]} #{err.iteration})" if err.instance else ""
-    title = f"Last error: {err.error}"
-    if len(title) > 140:
-        title = title[:139] + "…"
-    return title + where
-
-
-def _error_html(err: RunError) -> str:
-    return (
-        "<pre style='white-space:pre-wrap;font-size:11px;margin:0'>"
-        f"{html.escape(err.traceback or err.error)}</pre>"
-    )
-
-
-def _counts_html(p: Progress) -> str:
-    parts = [
-        ("done", p.done, "#2e7d32"),
-        ("failed", p.failed, "#d9534f" if p.failed else "#555"),
-        ("running", p.running, "#3b82c4"),
-        ("pending", p.pending, "#555"),
-    ]
-    spans = " · ".join(
-        f"<span class='alma-count-{k}' style='color:{c}'>{k} <b>{v}</b></span>" for k, v, c in parts
-    )
-    return f"<span style='font-family:monospace'>{spans} · total <b>{p.total}</b></span>"
-
-
-def _kind(done: int, failed: int, running: int, iterations: int) -> str:
-    if failed:
-        return "failing"
-    if running:
-        return "running"
-    if done >= iterations:
-        return "complete"
-    if done:
-        return "partial"
-    return "untouched"
-
-
-def _instances_html(
-    names: list[str],
-    done: list[int],
-    failed: list[int],
-    running: list[int],
-    iterations: list[int],
-) -> str:
-    """A heat strip: one small coloured cell per instance (or per group of instances
-    beyond MAX_CELLS), with a tooltip per cell and a legend with counts."""
-    kinds = [_kind(*row) for row in zip(done, failed, running, iterations, strict=True)]
-    totals = dict.fromkeys(_KINDS, 0)
-    for k in kinds:
-        totals[k] += 1
-    n = len(names)
-    per_cell = max(1, -(-n // MAX_CELLS))
-    cells = []
-    for start in range(0, n, per_cell):
-        group = range(start, min(start + per_cell, n))
-        kind = max((kinds[i] for i in group), key=_RANK.__getitem__)
-        if per_cell == 1:
-            i = start
-            tip = f"{names[i]}: {done[i]}/{iterations[i]} done"
-            if failed[i]:
-                tip += f", {failed[i]} failed"
-            if running[i]:
-                tip += f", {running[i]} running"
-        else:
-            tip = f"{names[group[0]]} … {names[group[-1]]}: {kind}"
-        color = _KINDS[kind][0]
-        cells.append(
-            f"<div class='alma-cell alma-cell-{kind}' title='{html.escape(tip, quote=True)}' "
-            f"style='width:10px;height:10px;margin:1px;background:{color};"
-            "border-radius:2px'></div>"
-        )
-    legend = " ".join(
-        f"<span style='white-space:nowrap;margin-right:10px'>"
-        f"<span style='display:inline-block;width:10px;height:10px;background:{color};"
-        f"border-radius:2px;vertical-align:middle'></span> {label} {totals[k]}</span>"
-        for k, (color, label) in _KINDS.items()
-    )
-    unit = f" (one cell = {per_cell} instances)" if per_cell > 1 else ""
-    return (
-        f"<div style='font-size:11px;color:#444'>instances: {n}{unit} · {legend}</div>"
-        "<div style='display:flex;flex-wrap:wrap;max-width:100%;margin-top:2px'>"
-        f"{''.join(cells)}</div>"
-    )
-
-
-# -- the timer -----------------------------------------------------------------------
-
-
-class _Timer:
-    """A controller's timer thread: :meth:`start` starts one (or wakes the live one), it
-    ends by itself after IDLE_GRACE quiet seconds, and :meth:`end` ends it for good."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.thread: threading.Thread | None = None
-        self.wake = threading.Event()
-        #: Set by end(): no thread starts again (the controller is closed or retired).
-        self.closed = False
-
-    def start(self, controller: Controller) -> None:
-        with self._lock:
-            if self.closed:
-                return
-            self.wake.set()
-            if self.thread is not None and self.thread.is_alive():
-                return
-            self.thread = threading.Thread(
-                target=_timer_loop,
-                args=(weakref.ref(controller), self),
-                name="alma-controller",
-                daemon=True,
-            )
-            self.thread.start()
-
-    def may_end(self) -> bool:
-        """Called by the thread when idle: end it unless someone just asked for it."""
-        with self._lock:
-            if self.wake.is_set():
-                return False
-            self.thread = None
-            return True
-
-    def end(self) -> None:
-        with self._lock:
-            self.closed = True
-            thread, self.thread = self.thread, None
-            self.wake.set()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=2)
-
-
-def _timer_loop(ref: weakref.ref[Controller], timer: _Timer) -> None:
-    """Redraw every ``interval`` while runs go on; end after IDLE_GRACE quiet seconds.
-
-    Holds the controller only weakly between ticks, so a dropped controller ends it.
-    """
-    quiet_since: float | None = None
-    while True:
-        c = ref()
-        if c is None or c.closed:
-            return
-        busy = c._tick()
-        interval = c.interval
-        if busy:
-            quiet_since = None
-        elif quiet_since is None:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since > IDLE_GRACE and timer.may_end():
-            return
-        del c
-        if timer.wake.wait(interval):
-            timer.wake.clear()
-            quiet_since = None
-
-
-# Live controllers, woken after every cell so that a dispatcher started from code
-# (``d.start()``) gets a moving display even though no button was clicked.
-_live: weakref.WeakSet[Controller] = weakref.WeakSet()
-_hooked: set[int] = set()
-
-
-def _install_cell_hook() -> None:
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return
-    shell = get_ipython()
-    if shell is None or id(shell) in _hooked:
-        return
-    _hooked.add(id(shell))
-    shell.events.register("post_run_cell", _after_cell)
-    quiet_pauses(shell)
-
-
-def _after_cell(*_args: Any) -> None:
-    for c in list(_live):
-        try:
-            d = c.dispatcher
-            if d is None or c.closed:
-                continue
-            # Also redraw when a cell changed the state without the timer running, e.g.
-            # `d.start(); d.join()` in a later cell leaves a shown controller otherwise stale;
-            # and after `d.start(detach=True)` the runner elsewhere is worth watching.
-            stale = d.status != c._last_status or d.running_elsewhere
-            if d.running or c._last_status in _ACTIVE or stale:
-                c.follow()
-        except Exception:  # never let a UI problem surface in the user's cell
-            log.debug("alma controller: waking the timer failed", exc_info=True)

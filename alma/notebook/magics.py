@@ -45,6 +45,7 @@ HELP = """\
   %alma results        DataFrame of finished runs   (df = %alma results)
   %alma state          DataFrame per instance       (df = %alma state)
   %alma retry          run the failed runs again
+  %alma reset [--failed]  forget all finished runs (or only the failed ones)
 
 The magics act on the experiment loaded last with %alma load; without
 one, on the experiment displayed or assigned to a variable last (e.g.
@@ -61,6 +62,7 @@ _ARITY = {
     "results": (0, 0),
     "state": (0, 0),
     "retry": (0, 0),
+    "reset": (0, 1),
 }
 
 
@@ -153,6 +155,16 @@ class AlmaMagics(Magics):
         hint = "" if d.running or not n else " Start with %alma start."
         print(f"{n} failed run(s) will run again.{hint}")
 
+    def _reset(self, flag: str | None = None) -> None:
+        if flag not in (None, "--failed"):
+            raise _usage(f"%alma reset: unknown option {flag!r} (only --failed).")
+        d = self._current("reset")
+        n = d.reset(failed_only=flag == "--failed")
+        _resync(d)
+        what = "failed run(s)" if flag else "finished run(s)"
+        hint = "" if d.running or not n else " Start with %alma start."
+        print(f"{n} {what} forgotten.{hint}")
+
     def _current(self, command: str) -> Dispatcher:
         if self.dispatcher is not None:
             return self.dispatcher
@@ -219,6 +231,9 @@ def _summary(d: Dispatcher) -> str:
         f"{d.spec.name}: {status} · {p.done}/{p.total} done, {p.failed} failed, "
         f"{p.running} running, {p.pending} pending"
     )
+    holder = d.running_elsewhere if not d.running else None
+    if holder:
+        line += f" · running elsewhere: {holder}"
     if p.status in ("running", "stopping") and p.rate:
         line += f" · {p.rate:.1f} runs/s"
         if p.eta is not None:
