@@ -175,7 +175,8 @@ def test_worker_killed_mid_run_loses_and_duplicates_nothing(
     d.start()
 
     def victim_mid_run() -> list[str]:
-        done = set(zip(d.results["instance"], d.results["iteration"], strict=True))
+        r = d.results  # once: it grows while runs finish
+        done = set(zip(r["instance"], r["iteration"], strict=True))
         started = [m.name for m in marks.glob(f"*-{victim_pid}")]
         return [
             m
