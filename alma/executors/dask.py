@@ -597,9 +597,7 @@ class _CheckpointServer:
         threading.Thread(target=self._accept, name="alma-dask-direct", daemon=True).start()
 
     @classmethod
-    def open(
-        cls, host: str | None, handler: Callable[..., str]
-    ) -> _CheckpointServer | None:
+    def open(cls, host: str | None, handler: Callable[..., str]) -> _CheckpointServer | None:
         if host is None:
             return None
         try:
@@ -695,15 +693,13 @@ class WorkerExit:
         """A run may start: this worker is not leaving and has time for one."""
         if self.leaving.is_set():
             return False
-        return self.deadline is None or self.deadline - time.time() > max(
-            self.margin, self.longest
-        )
+        return self.deadline is None or self.deadline - time.time() > max(self.margin, self.longest)
 
     def must_leave(self) -> bool:
         """Runs must hand back now: SIGTERM came, or the deadline is within the margin."""
-        if not self.leaving.is_set() and self.deadline is not None:
-            if self.deadline - time.time() <= self.margin:
-                self.leaving.set()
+        deadline = self.deadline
+        if deadline is not None and deadline - time.time() <= self.margin:
+            self.leaving.set()
         return self.leaving.is_set()
 
     def ran(self, seconds: float) -> None:
