@@ -165,6 +165,9 @@ class SlurmExecutor(dask_executor.DaskExecutor):
         self.margin = float(options.pop("walltime_margin", WALLTIME_MARGIN))
         self.cluster_options = {**DEFAULTS, **options}
         self.cluster_options.setdefault("processes", self.cluster_options["cores"])
+        self.cluster_options["job_extra_directives"] = _no_requeue(
+            options.get("job_extra_directives")
+        )
         # `workers` is runs at a time, as everywhere: jobs of `processes` workers each.
         self.jobs = math.ceil(self.workers / int(self.cluster_options["processes"]))
         self._monitor: threading.Thread | None = None
@@ -297,6 +300,20 @@ class SlurmExecutor(dask_executor.DaskExecutor):
         if self._source is not None:
             self._source.executor_failed(AlmaError(message))
         self.stop()
+
+
+def _no_requeue(directives: list[str] | None) -> list[str]:
+    """The job's extra ``#SBATCH`` lines, with ``--no-requeue`` unless they say otherwise:
+    SLURM then cancels a preempted job instead of requeuing it (a requeued job waits
+    120 s before it may start again); alma replaces it at once."""
+    if directives is None:
+        import dask
+
+        directives = dask.config.get("jobqueue.slurm.job-extra-directives", []) or []
+    directives = [str(d) for d in directives]
+    if not any(d.strip().startswith(("--requeue", "--no-requeue")) for d in directives):
+        directives.append("--no-requeue")
+    return directives
 
 
 def _replace(cluster: Any, names: list[str], jobs: int) -> None:
