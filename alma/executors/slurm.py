@@ -148,6 +148,11 @@ class SlurmExecutor(dask_executor.DaskExecutor):
         bad = [k for k in options if not isinstance(k, str) or not k.isidentifier()]
         if bad:
             raise ValueError(f"SLURMCluster options are keyword names, got {bad!r}")
+        options = dict(options)
+        if "partition" in options:  # SLURM's word; dask-jobqueue says queue
+            if "queue" in options:
+                raise ValueError("partition and queue are the same SLURMCluster option: give one")
+            options["queue"] = options.pop("partition")
         margin = options.get("walltime_margin", WALLTIME_MARGIN)
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
             raise ValueError(f"walltime_margin is a number of seconds >= 0, got {margin!r}")
@@ -157,7 +162,7 @@ class SlurmExecutor(dask_executor.DaskExecutor):
                     f'executor "slurm" needs {package.replace("_", "-")}, which is not '
                     "installed. " + _INSTALL_HINT
                 )
-        return dict(options)
+        return options
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
