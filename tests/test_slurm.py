@@ -27,6 +27,7 @@ from helpers import ExperimentFactory, alma_cli, python_env, wait_until
 
 import alma
 import alma.experiment
+from alma.session import Session
 
 pytest.importorskip("distributed")
 
@@ -130,8 +131,19 @@ def test_two_worker_jobs_give_the_table_of_threads(
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_scancel_of_a_worker_job_mid_run_loses_and_fails_nothing(
-    make_experiment: ExperimentFactory, dispatchers: list[Any], slurm: dict[str, Any]
+    make_experiment: ExperimentFactory,
+    dispatchers: list[Any],
+    slurm: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    interruptions: dict[tuple[str, int], int] = {}
+    report = Session.report
+
+    def recording_report(self: Session, task: Any, outcome: Any) -> None:
+        interruptions[(task.instance, task.iteration)] = outcome.interruptions
+        report(self, task, outcome)
+
+    monkeypatch.setattr(Session, "report", recording_report)
     exp = make_experiment(
         stepping(8, 0.4), instances=3, iterations=2, workers=2, executor={"slurm": slurm}
     )
@@ -143,7 +155,11 @@ def test_scancel_of_a_worker_job_mid_run_loses_and_fails_nothing(
     subprocess.run(["scancel", victim], check=True, timeout=30)
     assert d.join(timeout=150) is True
     r = all_done_once(d, 6)
-    assert not resumed_from(r, victim).empty, r[["instance", "iteration", "start", "jobs"]]
+    moved = resumed_from(r, victim)
+    assert not moved.empty, r[["instance", "iteration", "start", "jobs"]]
+    moved_keys = set(zip(moved["instance"], moved["iteration"], strict=True))
+    for key in zip(r["instance"], r["iteration"], strict=True):  # Outcome.interruptions
+        assert (interruptions[key] >= 1) == (key in moved_keys), (key, interruptions)
     assert victim not in our_jobs(slurm["job_name"])
 
 

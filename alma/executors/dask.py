@@ -106,6 +106,7 @@ _INSTALL_HINT = 'Install it with: pip install "pyalma[dask]"'
 _SKIPPED = "skipped"  # the session stopped before the run started
 _INTERRUPTED = "interrupted"  # a stop aborted it at a checkpoint: owed again
 _HANDED_BACK = "handed back"  # its worker is leaving: submit it again elsewhere
+_DECLINED = "declined"  # its worker is leaving: it did not start; submit it again
 #: The dispatcher's answer to a checkpoint from a stale execution: "restart:" + the
 #: last committed checkpoint, to start again from.
 _RESTART = "restart:"
@@ -431,9 +432,10 @@ class _Window:
                 res.interruptions = self.untrack(task)
                 self.source.report(task, res)
                 return
-            if res == _HANDED_BACK and not stopping:  # its worker left: owed elsewhere
-                self.interrupted(task)
-                self.submit([(task, resubmits)])  # from its latest checkpoint
+            if res in (_HANDED_BACK, _DECLINED) and not stopping:  # its worker leaves
+                if res == _HANDED_BACK:
+                    self.interrupted(task)
+                self.submit([(task, resubmits)])  # from its latest checkpoint, elsewhere
                 return
             # _SKIPPED (the session stopped before it started) or _INTERRUPTED
         elif status == "error" and not stopping:
@@ -834,7 +836,7 @@ def _dask_run(
         return _SKIPPED
     if not EXIT.may_start():
         started.discard(key)
-        return _HANDED_BACK
+        return _DECLINED
     execution = uuid.uuid4().hex[:12]  # this execution, should Dask rerun the task
     reply: Any = None
     try:
