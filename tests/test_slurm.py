@@ -350,3 +350,19 @@ def test_partition_is_slurms_word_for_queue(make_experiment: ExperimentFactory) 
     exp = make_experiment(executor={"slurm": {"partition": "a", "queue": "b"}})
     with pytest.raises(alma.ConfigError, match="partition and queue"):
         alma.experiment.load(exp)
+
+
+def test_job_script_shows_alma_defaults_under_the_users_options() -> None:
+    pytest.importorskip("dask_jobqueue")
+    from alma.executors.slurm import job_script
+
+    script = job_script(
+        {"partition": "short", "walltime": "02:00:00", "cores": 4, "interface": "lo"}
+    )
+    lines = script.splitlines()
+    for line in ["#SBATCH -p short", "#SBATCH -t 02:00:00", "#SBATCH --no-requeue"]:
+        assert line in lines, script
+    assert "--cpus-per-task=4" in script and "--mem=4G" in script
+    assert "--nworkers 4" in script and "--nthreads 1" in script  # single-threaded workers
+    kept = job_script({"job_extra_directives": ["--requeue"], "interface": "lo"})
+    assert "--no-requeue" not in kept and "#SBATCH --requeue" in kept.splitlines()

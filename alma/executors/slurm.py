@@ -57,8 +57,10 @@ except ImportError:  # parse_options says what to install
 log = logging.getLogger(__name__)
 
 _INSTALL_HINT = 'Install it with: pip install "pyalma[slurm]"'
-#: alma's defaults, under the experiment's options: one single-threaded worker per job.
-DEFAULTS: dict[str, Any] = {"cores": 1, "memory": "1GB"}
+#: alma's defaults, under the experiment's options: one core per job, and then as many
+#: single-threaded worker processes as cores (no GIL shared), 1 GB of memory per core.
+DEFAULTS: dict[str, Any] = {"cores": 1}
+MEMORY_PER_CORE_GB = 1
 #: Seconds before the walltime when a worker hands its runs back (``walltime_margin``);
 #: at most half the walltime, so that a short job still runs something.
 WALLTIME_MARGIN = 60.0
@@ -169,7 +171,9 @@ class SlurmExecutor(dask_executor.DaskExecutor):
         options = dict(self.options)
         self.margin = float(options.pop("walltime_margin", WALLTIME_MARGIN))
         self.cluster_options = {**DEFAULTS, **options}
-        self.cluster_options.setdefault("processes", self.cluster_options["cores"])
+        cores = self.cluster_options["cores"]
+        self.cluster_options.setdefault("processes", cores)
+        self.cluster_options.setdefault("memory", f"{MEMORY_PER_CORE_GB * cores}GB")
         self.cluster_options["job_extra_directives"] = _no_requeue(
             options.get("job_extra_directives")
         )
@@ -307,6 +311,18 @@ class SlurmExecutor(dask_executor.DaskExecutor):
         self.stop()
 
 
+def job_script(options: dict[str, Any] | None = None) -> str:
+    """The batch script alma submits for each worker job with these ``"slurm"`` options
+    (dask-jobqueue's ``job_script()``, alma's defaults included): read it before a big
+    run, or paste it into ``sbatch --test-only``. Starts and closes a scheduler here."""
+    executor = SlurmExecutor(print, 1, options=SlurmExecutor.parse_options(options))
+    cluster = import_jobqueue().SLURMCluster(**executor.cluster_options)
+    try:
+        return str(cluster.job_script())
+    finally:
+        cluster.close()
+
+
 def _no_requeue(directives: list[str] | None) -> list[str]:
     """The job's extra ``#SBATCH`` lines, with ``--no-requeue`` unless they say otherwise:
     SLURM then cancels a preempted job instead of requeuing it (a requeued job waits
@@ -434,4 +450,11 @@ async def _leave_when_told(worker: Any) -> None:
     await worker.close_gracefully(reason="alma: the job ends (walltime or SIGTERM)")
 
 
-__all__ = ["DEFAULTS", "WALLTIME_MARGIN", "SlurmExecutor", "import_jobqueue", "parse_walltime"]
+__all__ = [
+    "DEFAULTS",
+    "WALLTIME_MARGIN",
+    "SlurmExecutor",
+    "import_jobqueue",
+    "job_script",
+    "parse_walltime",
+]
