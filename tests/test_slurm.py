@@ -245,6 +245,24 @@ def test_a_bad_partition_is_a_quick_clear_error(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_jobs_whose_worker_cannot_start_end_in_an_error_not_a_loop(
+    make_experiment: ExperimentFactory, slurm: dict[str, Any]
+) -> None:
+    slurm.update(python="/nonexistent/python")
+    exp = make_experiment(stepping(1, 0.1), instances=2, workers=2, executor={"slurm": slurm})
+    start = time.monotonic()
+    proc = alma_cli("run", exp, timeout=90)
+    took = time.monotonic() - start
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 1, said
+    assert "3 SLURM worker jobs in a row ended before their Dask worker connected" in said
+    assert "/nonexistent/python: No such file or directory" in said  # the job's own words
+    assert took < 60
+    assert not our_jobs(slurm["job_name"])
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_pause_cancels_the_jobs_and_resume_submits_new_ones(
     make_experiment: ExperimentFactory, dispatchers: list[Any], slurm: dict[str, Any]

@@ -294,7 +294,7 @@ class DaskExecutor(Executor):
     def _cluster_failed(self, source: RunSource, exc: Exception) -> None:
         """No cluster, no run: say why where front-ends look (last_error) and warn."""
         message = self._cluster_failure(exc)
-        log.error("%s", message, exc_info=exc)
+        log.error("%s", message, exc_info=None if isinstance(exc, AlmaError) else exc)
         warnings.warn(f"alma: {message}", stacklevel=1)
         error = AlmaError(message)
         error.__cause__ = exc

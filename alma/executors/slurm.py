@@ -298,17 +298,33 @@ class SlurmExecutor(dask_executor.DaskExecutor):
 
     def _jobs_fail(self, job_id: Any) -> None:
         """Jobs end before their worker starts: stop the experiment and say why."""
+        output, said = self._job_output(job_id)
         message = (
             f"{MAX_FAILED_JOBS} SLURM worker jobs in a row ended before their Dask worker "
-            f"connected (the last one: job {job_id}); alma stopped submitting them. Read "
-            "that job's output (log_directory, or slurm-<job>.out in the folder alma was "
-            "started from): the worker needs pyalma installed in the Python that the job "
-            "runs (see job_script_prologue and python in the SLURMCluster options)."
+            f"connected; alma stopped submitting them. The last one, job {job_id}"
+            + (f", said: {said}" if said else "")
+            + f" (its output: {output}). The jobs need pyalma installed in the Python "
+            "they run: see python and job_script_prologue in the SLURMCluster options."
         )
         log.error("%s", message)
         if self._source is not None:
             self._source.executor_failed(AlmaError(message))
         self.stop()
+
+    def _job_output(self, job_id: Any) -> tuple[str, str]:
+        """Where a job's error output is, and its last lines (or "")."""
+        folder = self.cluster_options.get("log_directory")
+        if folder:
+            name = self.cluster_options.get("job_name", "dask-worker")
+            path = os.path.join(str(folder), f"{name}-{job_id}.err")
+        else:  # SLURM's default, in the folder sbatch ran in
+            path = os.path.join(os.getcwd(), f"slurm-{job_id}.out")
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+        except OSError:
+            return path, ""
+        return path, " | ".join(lines[-3:])
 
 
 def job_script(options: dict[str, Any] | None = None) -> str:
