@@ -373,6 +373,7 @@ class _Window:
                 with self.ex._lock:
                     self.ex._futures.pop(fut.key, None)
                 self.collect(task, fut, res, resubmits)
+                fut.release()  # now: a worker that leaves must not be asked to keep it
                 if fut.status == "finished" and isinstance(res, Outcome):
                     self.resize(res.duration / res.attempts)
             self.refill()

@@ -177,6 +177,9 @@ class SlurmExecutor(dask_executor.DaskExecutor):
         self.cluster_options["job_extra_directives"] = _no_requeue(
             options.get("job_extra_directives")
         )
+        self.cluster_options["scheduler_options"] = _loopback_dashboard(
+            options.get("scheduler_options")
+        )
         # `workers` is runs at a time, as everywhere: jobs of `processes` workers each.
         self.jobs = math.ceil(self.workers / int(self.cluster_options["processes"]))
         self._monitor: threading.Thread | None = None
@@ -205,6 +208,11 @@ class SlurmExecutor(dask_executor.DaskExecutor):
         client = distributed.Client(cluster, set_as_default=False)
         client.register_plugin(_NannyEdges(), name="alma-slurm-nanny")
         client.register_plugin(_JobEdges(walltime, self.margin), name="alma-slurm")
+        log.info(
+            "alma: SLURM jobs report to %s; dashboard %s",
+            cluster.scheduler_address,
+            cluster.dashboard_link,
+        )
         cluster.scale(jobs=self.jobs)
         self._monitor = threading.Thread(
             target=self._watch_jobs, args=(cluster, client), name="alma-slurm-jobs", daemon=True
@@ -353,6 +361,16 @@ def _no_requeue(directives: list[str] | None) -> list[str]:
     return directives
 
 
+def _loopback_dashboard(scheduler: dict[str, Any] | None) -> dict[str, Any]:
+    """The scheduler's options, its dashboard on loopback unless they say where: it
+    serves worker pages without authentication (forward its port to open it)."""
+    if scheduler is None:
+        import dask
+
+        scheduler = dask.config.get("jobqueue.slurm.scheduler-options", {}) or {}
+    return {"dashboard_address": "127.0.0.1:0", **scheduler}
+
+
 def _replace(cluster: Any, names: list[str], jobs: int) -> None:
     """On the cluster's loop: forget the jobs that left, submit new ones (new names, so
     the cluster's own clean-up of the old ones cannot cancel the new)."""
@@ -449,6 +467,7 @@ async def _leave_when_told(worker: Any) -> None:
         await asyncio.sleep(_LEAVE_POLL)
     log.info("alma: this worker leaves (its job ends); handing its runs back")
     with contextlib.suppress(Exception):
+        worker.memory_manager.memory_pause_fraction = False  # it would unpause the worker
         worker.status = Status.paused  # the scheduler sends nothing more; nothing starts
 
     def ours(states: tuple[str, ...]) -> bool:
