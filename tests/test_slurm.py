@@ -384,3 +384,19 @@ def test_job_script_shows_alma_defaults_under_the_users_options() -> None:
     assert "--nworkers 4" in script and "--nthreads 1" in script  # single-threaded workers
     kept = job_script({"job_extra_directives": ["--requeue"], "interface": "lo"})
     assert "--no-requeue" not in kept and "#SBATCH --requeue" in kept.splitlines()
+
+
+def test_a_worker_near_its_deadline_takes_no_run_then_hands_back() -> None:
+    from alma.executors.dask import WorkerExit
+
+    exit_ = WorkerExit()
+    exit_.deadline, exit_.margin = time.time() + 100, 10
+    assert exit_.may_start() and not exit_.must_leave()
+    exit_.ran(120)  # a run longer than the time left: no new one, but no hand-back yet
+    assert not exit_.may_start() and not exit_.must_leave()
+    exit_.deadline = time.time() + 5  # within the margin: running runs hand back
+    assert exit_.must_leave() and exit_.leaving.is_set() and not exit_.may_start()
+    sigterm = WorkerExit()  # no deadline: only SIGTERM makes it leave
+    assert sigterm.may_start()
+    sigterm.leaving.set()
+    assert sigterm.must_leave() and not sigterm.may_start()

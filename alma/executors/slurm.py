@@ -8,10 +8,10 @@ loses work on a cluster happens at the edges of a batch job, and only an executo
 owns the jobs can handle them.
 
 * **Walltime**: each worker knows when its job ends (the batch shell's start plus the
-  walltime). With less than ``max(walltime_margin, longest run seen)`` left it starts
+  walltime). With less than ``max(walltime_margin, longest run seen)`` left it takes
   no run; with less than ``walltime_margin`` left its running runs are interrupted at
   their next checkpoint (after it saved) and handed back (:class:`~alma.executors.dask.
-  WorkerExit`); then it leaves, and a new job replaces it while runs are owed.
+  WorkerExit`); once none runs it leaves, and a new job replaces it while runs are owed.
 * **Preemption, scancel**: SLURM sends SIGTERM before SIGKILL; the worker (and its
   nanny) take SIGTERM as "leave": the same hand-back as above. A run killed before its
   next checkpoint is rescheduled by Dask and restarts from its last committed one.
@@ -457,11 +457,12 @@ class _JobEdges(WorkerPlugin):  # type: ignore[misc]
 
 
 async def _leave_when_told(worker: Any) -> None:
-    """Once the worker must leave: take no task, let running runs hand back, close."""
+    """Once no run may start here (SIGTERM, or too little time left for one): take no
+    task, let running runs end or hand back (at the margin, see WorkerExit), close."""
     from distributed.core import Status
 
     exit_ = dask_executor.EXIT
-    while not exit_.must_leave():
+    while exit_.may_start():
         if worker.status in (Status.closing, Status.closed, Status.closing_gracefully):
             return
         await asyncio.sleep(_LEAVE_POLL)
