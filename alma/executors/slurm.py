@@ -134,10 +134,7 @@ def _script_walltime(script: str) -> float | None:
 class SlurmExecutor(dask_executor.DaskExecutor):
     """The Dask executor on worker jobs it submits to SLURM."""
 
-    usage = (
-        '"slurm" or {"slurm": {"partition": "short", "walltime": "02:00:00", ...}} '
-        "(dask_jobqueue.SLURMCluster keyword arguments, and walltime_margin)"
-    )
+    usage = '"slurm" or {"slurm": {"partition": "short", ...}} (SLURMCluster options)'
 
     @classmethod
     def parse_options(cls, options: Any) -> Any:
