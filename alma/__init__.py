@@ -11,7 +11,7 @@ from __future__ import annotations
 from .dispatcher import Dispatcher, Progress
 from .errors import AlmaError, ConfigError, Interrupted, LockedError, Paused, StateError
 from .experiment import Experiment, load
-from .records import RunError
+from .records import RunError, run_seed
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ __all__ = [
     "StateError",
     "__version__",
     "load",
+    "run_seed",
 ]
 
 

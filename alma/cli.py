@@ -1,4 +1,5 @@
-"""The ``alma`` command: run, status, results, reset. A thin front-end over the Dispatcher.
+"""The ``alma`` command: run, status, results, reset, replay. A thin front-end over the
+Dispatcher.
 
 Exit codes:
     0    success (``run``: every run of the plan finished and none failed)
@@ -7,6 +8,7 @@ Exit codes:
     3    the state file cannot be used, or could not be written during ``run`` (StateError)
     4    the experiment is already running elsewhere (LockedError)
     130  ``run`` was paused by Ctrl-C or SIGTERM; ``alma run`` again continues
+``replay`` exits 1 with the run's traceback when ``run()`` raises.
 """
 
 from __future__ import annotations
@@ -139,7 +141,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Print the per-instance table; works while the experiment runs elsewhere."""
     dispatcher = _load(args.experiment)
     p = dispatcher.progress
-    print(dispatcher.state.to_string(index=False))
+    state = dispatcher.state
+    print(state.to_string(index=False))
+    if len(dispatcher.spec.params) > 1:  # a grid: progress per configuration too
+        print("\nper configuration:\n" + dispatcher.configs.to_string(index=False))
     elsewhere = dispatcher.running_elsewhere
     status = f"running in another process ({elsewhere})" if elsewhere else p.status
     print(
@@ -177,6 +182,28 @@ def cmd_results(args: argparse.Namespace) -> int:
     except OSError as exc:  # missing folder, no permission, disk full: a usage error, not 1
         raise ConfigError(f"cannot write {out}: {exc.strerror or exc}") from None
     print(f"alma: wrote {len(frame)} rows to {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Run one run again in this process, exactly as it ran; print its result as JSON.
+    Writes nothing to the state file; an exception in run() prints its traceback."""
+    import json
+
+    from .values import to_json
+
+    params: dict[str, Any] = {}
+    for item in args.param:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--param {item!r}: expected NAME=VALUE, e.g. --param restarts=10")
+        try:
+            params[name] = json.loads(text)  # 10, 0.5, true, "x", [1, 2]
+        except ValueError:
+            params[name] = text  # a bare word is a string
+    dispatcher = _load(args.experiment, readonly=False)
+    result = dispatcher.replay(args.instance, args.iteration, **params)
+    print(to_json(result))
     return EXIT_OK
 
 
@@ -229,6 +256,18 @@ def parser() -> argparse.ArgumentParser:
     reset.set_defaults(func=cmd_reset)
     for action in (run, sub.choices["status"], res, reset):
         action.add_argument("experiment", help="path of the .experiment file")
+    replay = sub.add_parser("replay", help="run one run again here, print its result as JSON")
+    replay.add_argument("experiment", help="path of the .experiment file")
+    replay.add_argument("instance", help="the instance's name, as listed in the batch")
+    replay.add_argument("iteration", type=int)
+    replay.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a parameter of the configuration (VALUE read as JSON, else as text)",
+    )
+    replay.set_defaults(func=cmd_replay)
     return p
 
 

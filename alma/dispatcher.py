@@ -16,6 +16,7 @@ frozen snapshot, on their own timer, so a broken UI cannot break a run.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import threading
 import warnings
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from .errors import AlmaError, ConfigError, Paused
 from .executors import executor_class
 from .lock import ExperimentLock
 from .plan import Tally
-from .records import RunError, Status
+from .records import Config, RunError, RunKey, Status, Task, seed_of
+from .runfunc import make_caller
 from .session import Session, SessionClock, SessionHooks
 from .spec import Spec
 from .store import Store
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
 class Progress:
     """A snapshot of an experiment's progress; counts cover the current plan only."""
 
-    #: Runs in the plan: instances in the batch × iterations.
+    #: Runs in the plan: instances in the batch × configurations × iterations.
     total: int
     #: Runs finished successfully (committed to the state file).
     done: int
@@ -70,7 +72,7 @@ class Dispatcher:
 
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
-        self._store = Store(spec.state_path, spec.name)
+        self._store = Store(spec.state_path, spec.name, spec.seed)
         self._store.validate()
         self._oslock = ExperimentLock(spec.state_path)
         # Lock order: _lifecycle before _mutex, never the other way round (see
@@ -82,7 +84,7 @@ class Dispatcher:
         self._session: Session | None = None
         self._clock = SessionClock()  # of the last session, kept after it ended
         self._launched = False  # runs were handed to an executor in this process
-        self._tally = Tally(spec.instances, spec.iterations)
+        self._tally = Tally(spec.instances, spec.params, spec.iterations)
         self._hooks = SessionHooks(idle=self._session_idle, error=self._record_error)
         #: The last failure seen (a run's, or of alma's own machinery), or None.
         self.last_error: RunError | None = None
@@ -241,30 +243,85 @@ class Dispatcher:
 
     @property
     def state(self) -> pd.DataFrame:
-        """One row per instance of the batch: done, failed, running, pending counts."""
+        """One row per instance of the batch in each configuration: its parameters, then
+        done, failed, running and pending counts."""
         import pandas as pd
 
-        tally = self._tally
+        tally, spec = self._tally, self.spec
         with self._mutex:
             session = self._session
             if session is None:
                 tally.refresh(self._store)
-            running = [0] * len(self.spec.instances)
+            running = [0] * spec.cells
             for task in session.in_flight() if session is not None else []:
-                pos = tally.position.get(task.key.instance)
+                pos = tally.position.get(task.key[:2])
                 if pos is not None:
                     running[pos] += 1
-            frame = pd.DataFrame(
-                {
-                    "instance": list(self.spec.instances),
-                    "done": list(tally.done),
-                    "failed": list(tally.failed),
-                    "running": running,
-                }
-            )
-        frame["pending"] = self.spec.iterations - frame[["done", "failed", "running"]].sum(axis=1)
-        frame["iterations"] = self.spec.iterations
+            done, failed = list(tally.done), list(tally.failed)
+        per = len(spec.params)
+        names = spec.instances if per == 1 else [n for n in spec.instances for _ in range(per)]
+        frame = pd.DataFrame({"instance": list(names)})
+        if spec.params[0].params:  # a grid: its parameters, repeated for every instance
+            configs = pd.DataFrame.from_records([dict(c.params) for c in spec.params])
+            grid = pd.concat([configs] * len(spec.instances), ignore_index=True)
+            frame = pd.concat([frame, grid], axis=1)
+        frame["done"], frame["failed"], frame["running"] = done, failed, running
+        frame["pending"] = spec.iterations - frame[["done", "failed", "running"]].sum(axis=1)
+        frame["iterations"] = spec.iterations
         return frame
+
+    @property
+    def configs(self) -> pd.DataFrame:
+        """One row per configuration of ``"params"``: its parameters, then done, failed,
+        running and pending runs over every instance (one row, no parameter columns,
+        without a grid)."""
+        state = self.state
+        names = sorted({n for c in self.spec.params for n in c.params})
+        counts = ["done", "failed", "running", "pending"]
+        if not names:
+            return state[counts].sum().to_frame().T
+        return state.groupby(names, sort=False, dropna=False)[counts].sum().reset_index()
+
+    def replay(self, instance: str, iteration: int, **params: Any) -> Any:
+        """Run one run again, here, with exactly the arguments it had (the instance's
+        path, the configuration ``params``, its seed and iteration; ``state=None``) and
+        return its result. Nothing is written to the state file. Exceptions propagate,
+        so ``%debug`` and ``pdb`` work on them; ``save_callback`` does nothing."""
+        spec = self.spec
+        if spec.run is None:
+            raise ConfigError(
+                f"{spec.name} was loaded for reading only (readonly=True): its run "
+                "module was not imported. Load it again without readonly to replay a run."
+            )
+        try:
+            pos = spec.instances.index(instance)
+        except ValueError:
+            close = difflib.get_close_matches(instance, spec.instances, n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ConfigError(
+                f"{spec.name}: no instance {instance!r} in the batch (give its name as "
+                f"listed, e.g. {spec.instances[0]!r}).{hint}"
+            ) from None
+        if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+            raise ConfigError(f"{spec.name}: iteration must be an integer >= 0, got {iteration!r}")
+        config = Config(dict(sorted(params.items())))
+        known = {c.key for c in spec.params} | set(self._store.config_ids())
+        if config.key not in known:
+            listed = ", ".join(sorted(known)[:5])
+            raise ConfigError(
+                f"{spec.name}: no configuration {config.key} in the experiment or its "
+                f"results; give the parameters of one of: {listed}."
+            )
+        name, key = spec.instances[pos], config.key
+        task = Task(
+            RunKey(-1, -1, iteration),
+            name,
+            spec.paths[pos],
+            iteration,
+            config.params,
+            seed_of(name, iteration, key, spec.seed),
+        )
+        return make_caller(spec.run)(task, _no_save, None)
 
     def retry_failed(self) -> int:
         """Forget failed runs so they are owed again; returns how many. A running
@@ -351,6 +408,10 @@ class Dispatcher:
 
     def _record_error(self, error: RunError) -> None:
         self.last_error = error
+
+
+def _no_save(state: Any) -> None:
+    """save_callback of a replayed run: it writes nothing."""
 
 
 def _warn_at_load(spec: Spec, store: Store) -> None:

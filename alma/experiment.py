@@ -19,7 +19,7 @@ from typing import Any
 
 from .dispatcher import Dispatcher
 from .errors import ConfigError
-from .runfunc import check_signature, function_hash
+from .runfunc import check_params, function_hash
 from .spec import (
     OPTION_FIELDS,
     Options,
@@ -79,6 +79,8 @@ def Experiment(  # noqa: N802 - reads like a class in notebooks, returns a Dispa
     retries: int = Options.retries,
     executor: Any = Options.executor.name,
     timeout: float | None = Options.timeout,
+    params: Any = None,
+    seed: int = Options.seed,
     name: str | None = None,
 ) -> Dispatcher:
     """Define an experiment in code (e.g. a notebook cell) and return its Dispatcher.
@@ -98,7 +100,6 @@ def Experiment(  # noqa: N802 - reads like a class in notebooks, returns a Dispa
             f"{where}, argument 'run': expected a function, got {run!r}. "
             "Pass the function itself: Experiment(run=my_run, ...)."
         )
-    check_signature(run, where)
     if (instances is None) == (batch is None):
         raise ConfigError(f"{where}: give exactly one of instances=[...] or batch='x.batch'.")
     if batch is not None:
@@ -107,6 +108,7 @@ def Experiment(  # noqa: N802 - reads like a class in notebooks, returns a Dispa
         names, paths = expand_instances(instances, Path.cwd(), where)
     given = locals()
     options = parse_options(where, {key: given[key] for key in OPTION_FIELDS})
+    check_params(run, options["params"], where)
     # Named after the function by default, so two experiments in one folder never share
     # a state file by accident; the name guards the file against another function.
     default = re.sub(r"\W", "_", getattr(run, "__name__", "") or "experiment")

@@ -10,14 +10,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 
-from .records import DONE, RunRecord
-from .store import Store
+from .records import DONE, Config, RunRecord
+from .store import Cell, Store
 
 #: Seconds between re-reads of counts that another process changed: a reader (a
 #: notebook watching `alma run`, say) polls often, and a recount scans every result.
 REFRESH_INTERVAL = 0.5
 
-#: (position of the instance in the batch, iteration), in the order runs are handed out.
+#: (row, iteration), in the order runs are handed out. A row is one instance in one
+#: configuration (see :meth:`alma.spec.Spec.cell`).
 Plan = Iterator[tuple[int, int]]
 
 
@@ -74,8 +75,13 @@ def _by_instance(rows: list[bytearray], iterations: int) -> Plan:
         yield from ((pos, it) for it in range(len(row), iterations))
 
 
+#: The id of a row whose instance or configuration is not in the store yet.
+UNKNOWN: Cell = (-1, -1)
+
+
 class Tally:
-    """Done and failed runs per instance of the batch, and the instances' store ids.
+    """Done and failed runs per row of the plan (an instance in a configuration), and
+    the rows' store ids.
 
     While a session runs, the session adds each group commit (:meth:`add`), so reading
     progress costs no I/O; otherwise :meth:`refresh` re-reads the store when another
@@ -83,21 +89,31 @@ class Tally:
     dispatcher's mutex guards it.
     """
 
-    def __init__(self, instances: tuple[str, ...], iterations: int) -> None:
+    def __init__(
+        self, instances: tuple[str, ...], configs: tuple[Config, ...], iterations: int
+    ) -> None:
         self.instances = instances
+        self.configs = configs
         self.iterations = iterations
-        #: Store id of each instance, in batch order (-1: not in the store yet).
-        self.ids = [-1] * len(instances)
-        #: Store id -> position in the batch.
-        self.position: dict[int, int] = {}
-        self.done = [0] * len(instances)
-        self.failed = [0] * len(instances)
+        rows = len(instances) * len(configs)
+        #: Store ids (instance, configuration) of each row, in plan order.
+        self.ids = [UNKNOWN] * rows
+        #: Store ids -> row.
+        self.position: dict[Cell, int] = {}
+        self.done = [0] * rows
+        self.failed = [0] * rows
         self._version: int | None = None
         self._refreshed_at = -REFRESH_INTERVAL
 
-    def refresh(self, store: Store, force: bool = False, ids: dict[str, int] | None = None) -> None:
+    def refresh(
+        self,
+        store: Store,
+        force: bool = False,
+        ids: tuple[dict[str, int], dict[str, int]] | None = None,
+    ) -> None:
         """Re-read ids and counts from ``store`` if another connection changed it (or
-        ``force``; ``ids``: the instance ids, when the caller has just read them)."""
+        ``force``; ``ids``: the instance and configuration ids, when the caller has
+        just read them)."""
         now = time.monotonic()
         if not force and now - self._refreshed_at < REFRESH_INTERVAL:
             return
@@ -105,13 +121,26 @@ class Tally:
         version = None if force else store.data_version()
         if version is not None and version == self._version:
             return
-        if ids is None:
-            ids = store.instance_ids()
-        self.ids = [ids.get(name, -1) for name in self.instances]
-        self.position = {i: pos for pos, i in enumerate(self.ids) if i >= 0}
+        instance_ids, config_ids = (
+            ids
+            if ids is not None
+            else (
+                store.instance_ids(),
+                store.config_ids(),
+            )
+        )
+        inst = [instance_ids.get(name, -1) for name in self.instances]
+        cfgs = [config_ids.get(c.key, -1) for c in self.configs]
+        if len(cfgs) == 1:  # no grid: one row per instance, no product to build
+            cid = cfgs[0]
+            self.ids = [(i, cid) if i >= 0 and cid >= 0 else UNKNOWN for i in inst]
+        else:
+            self.ids = [(i, c) if i >= 0 and c >= 0 else UNKNOWN for i in inst for c in cfgs]
+        self.position = {cell: pos for pos, cell in enumerate(self.ids) if cell[0] >= 0}
         counts = store.counts(self.iterations)
-        self.done = [counts[i].done if i in counts else 0 for i in self.ids]
-        self.failed = [counts[i].failed if i in counts else 0 for i in self.ids]
+        zero = (0, 0)
+        self.done = [counts.get(cell, zero)[0] for cell in self.ids]
+        self.failed = [counts.get(cell, zero)[1] for cell in self.ids]
         self._version = version
 
     def invalidate(self) -> None:
@@ -123,7 +152,7 @@ class Tally:
         mutex that next_task needs: kept tight)."""
         position, iterations, done, failed = self.position, self.iterations, self.done, self.failed
         for row in rows:
-            pos = position.get(row.instance)
+            pos = position.get(row[:2])  # (instance, config): a plain tuple, cheap here
             if pos is not None and row.iteration < iterations:
                 if row.status == DONE:
                     done[pos] += 1
@@ -131,6 +160,6 @@ class Tally:
                     failed[pos] += 1
 
     def marks(self, store: Store) -> list[bytearray]:
-        """Per instance in batch order, 1 at every finished iteration (done or failed)."""
+        """Per row in plan order, 1 at every finished iteration (done or failed)."""
         marks = store.finished_marks(self.ids, self.iterations)
-        return [marks[i] for i in self.ids]
+        return [marks[cell] if cell[0] >= 0 else bytearray() for cell in self.ids]

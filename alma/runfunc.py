@@ -16,23 +16,26 @@ import sys
 import sysconfig
 import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .records import NO_PARAMS, Config, Task
 
 #: Module names alma gives the run modules it loads from experiment files. No other
 #: process can import such a module by name, so it travels as its source text.
 MODULE_PREFIX = "alma_run_"
-#: What alma passes to ``run()`` by name, when the function declares it.
-PARAMETERS = ("instance", "save_callback", "state", "iteration")
+#: What alma passes to ``run()`` by name, when the function declares it (besides the
+#: configuration's parameters).
+PARAMETERS = ("instance", "save_callback", "state", "iteration", "seed", "params")
 #: Filled by position when ``run()`` uses other names, e.g. ``def run(path)``.
 _POSITIONAL = ("instance", "save_callback", "state")
 
-#: ``caller(instance, save_callback, state, iteration)``: what executors call.
-Caller = Callable[[str, Any, Any, int], Any]
+#: ``caller(task, save_callback, state)``: what executors call; it calls ``run()`` with
+#: what it declares of the task (path, iteration, seed, parameters).
+Caller = Callable[[Task, Any, Any], Any]
 
 
 def hash_bytes(data: bytes) -> str:
@@ -50,8 +53,11 @@ def function_hash(func: Callable[..., Any]) -> str:
     return hash_bytes(data)
 
 
-def load_module_run(module: Path, where: str | Path) -> Callable[..., Any]:
-    """Import the run module from its file and return its checked ``run`` function."""
+def load_module_run(
+    module: Path, where: str | Path, configs: Sequence[Config] = (NO_PARAMS,)
+) -> Callable[..., Any]:
+    """Import the run module from its file and return its ``run`` function, checked
+    against the experiment's ``configs``."""
     if not module.is_file():
         raise ConfigError.at(
             where,
@@ -94,80 +100,139 @@ def load_module_run(module: Path, where: str | Path) -> Callable[..., Any]:
             "defines no function run(instance, save_callback, state)",
             "Add one; alma calls it once per (instance, iteration).",
         )
-    check_signature(run, module)
+    check_params(run, configs, module)
     return run
 
 
-def check_signature(run: Callable[..., Any], where: str | Path) -> None:
-    """Refuse a run function alma could not call, before anything runs."""
-    try:
-        sig = inspect.signature(run)
-    except (TypeError, ValueError):
+def check_params(run: Callable[..., Any], configs: Sequence[Config], where: str | Path) -> None:
+    """Refuse a run function that requires an argument some configuration lacks."""
+    params = _signature(run)
+    if params is None:
         return  # builtins and C callables: trust them
-    # Mirrors make_caller: only the first three positional slots are filled by position.
-    for idx, p in enumerate(sig.parameters.values()):
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+    for config in configs:
+        layout = _layout(params, config.params)
+        if layout.missing is None:
             continue
-        if p.name in PARAMETERS and p.kind is not p.POSITIONAL_ONLY:
-            continue
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and idx < 3:
-            continue
-        if p.default is p.empty:
+        if config.params:
             raise ConfigError.at(
                 where,
                 None,
-                f"run() requires a parameter {p.name!r} that alma cannot supply",
-                "alma passes instance, save_callback, state and, "
-                "if declared, iteration; give other parameters a default.",
+                f"run() requires a parameter {layout.missing!r} that the configuration "
+                f"{config.key} does not give",
+                f"Give {layout.missing!r} a default in run(), or a value in every "
+                'configuration of "params".',
             )
+        raise ConfigError.at(
+            where,
+            None,
+            f"run() requires a parameter {layout.missing!r} that alma cannot supply",
+            "alma passes instance, save_callback, state and, if declared, iteration, "
+            'seed, params and the parameters of "params"; give other parameters a default.',
+        )
 
 
-def make_caller(run: Callable[..., Any]) -> Caller:
-    """Adapt ``run`` so alma can always call ``caller(instance, save, state, iteration)``.
-
-    Only the parameters that ``run`` declares are passed: by name when they use alma's
-    names, else by position (instance, save_callback, state), so ``def run(path)`` works.
-    """
+def _signature(run: Callable[..., Any]) -> list[inspect.Parameter] | None:
     try:
-        params = list(inspect.signature(run).parameters.values())
+        return list(inspect.signature(run).parameters.values())
     except (TypeError, ValueError):
-        return lambda i, s, st, it: run(i, s, st)
+        return None
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How to call ``run()`` for configurations with given parameter names: which value
+    goes to which positional slot and keyword (values named as in PARAMETERS, or a
+    parameter's own name)."""
+
+    positional: tuple[str, ...]
+    keyword: tuple[tuple[str, str], ...]
+    #: A required parameter nothing fills, or None.
+    missing: str | None = None
+
+
+def _layout(params: list[inspect.Parameter], given: Mapping[str, Any]) -> _Layout:
+    """The call of ``run()`` (its ``params``) for a configuration giving ``given``."""
     if any(p.kind is p.VAR_KEYWORD for p in params):
-        return lambda i, s, st, it: run(instance=i, save_callback=s, state=st, iteration=it)
-    positional: list[str] = []  # value names passed by position, in order
-    keyword: dict[str, str] = {}  # parameter name -> value name
+        # **kwargs: alma's usual four by name, and the configuration's parameters.
+        names = (*PARAMETERS[:4], *given)
+        return _Layout((), tuple((n, n) for n in names))
+    positional: list[str] = []
+    keyword: list[tuple[str, str]] = []
     contiguous = True
     for idx, p in enumerate(params):
         if p.kind is p.VAR_POSITIONAL:
             contiguous = False
             continue
-        if p.name in PARAMETERS and p.kind is not p.POSITIONAL_ONLY:
-            value = p.name
+        if (p.name in PARAMETERS or p.name in given) and p.kind is not p.POSITIONAL_ONLY:
+            value = p.name  # a configuration's parameter wins over a positional slot
         elif p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and idx < 3:
             value = _POSITIONAL[idx]
+        elif p.default is p.empty:
+            return _Layout((), (), missing=p.name)
         else:
-            contiguous = False  # has a default (check_signature made sure)
+            contiguous = False  # has a default: left to it
             continue
         if contiguous and p.kind is not p.KEYWORD_ONLY:
             positional.append(value)
         else:
-            keyword[p.name] = value
-    if not keyword and positional == list(_POSITIONAL[: len(positional)]):
-        n = len(positional)  # the common case: a plain positional call, no dict per run
-        if n == 3:
-            return lambda i, s, st, it: run(i, s, st)
-        if n == 2:
-            return lambda i, s, st, it: run(i, s)
-        if n == 1:
-            return lambda i, s, st, it: run(i)
+            keyword.append((p.name, value))
+    return _Layout(tuple(positional), tuple(keyword))
 
-    def caller(i: str, s: Any, st: Any, it: int) -> Any:
-        values = {"instance": i, "save_callback": s, "state": st, "iteration": it}
-        return run(
-            *[values[v] for v in positional], **{name: values[v] for name, v in keyword.items()}
-        )
+
+def make_caller(run: Callable[..., Any]) -> Caller:
+    """Adapt ``run`` so alma can always call ``caller(task, save_callback, state)``.
+
+    Only the parameters that ``run`` declares are passed: by name when they use alma's
+    names or a parameter's name, else by position (instance, save_callback, state), so
+    ``def run(path)`` works. How to call it is worked out once per set of parameter
+    names (a grid has one), not per run.
+    """
+    params = _signature(run)
+    if params is None:
+        return lambda task, s, st: run(task.path, s, st)
+    callers: dict[tuple[str, ...], Caller] = {}
+
+    def caller(task: Task, s: Any, st: Any) -> Any:
+        names = tuple(task.params)  # () without "params": one cheap lookup per run
+        call = callers.get(names)
+        if call is None:
+            call = callers[names] = _compile(run, _layout(params, task.params))
+        return call(task, s, st)
 
     return caller
+
+
+def _compile(run: Callable[..., Any], layout: _Layout) -> Caller:
+    """The call ``layout`` describes; a plain positional call builds no dict per run."""
+    positional, keyword = layout.positional, layout.keyword
+    if not keyword and positional == _POSITIONAL[: len(positional)]:
+        if len(positional) == 3:
+            return lambda task, s, st: run(task.path, s, st)
+        if len(positional) == 2:
+            return lambda task, s, st: run(task.path, s)
+        if len(positional) == 1:
+            return lambda task, s, st: run(task.path)
+
+    pos = [_getter(v) for v in positional]
+    kw = [(name, _getter(v)) for name, v in keyword]
+
+    def call(task: Task, s: Any, st: Any) -> Any:
+        return run(*[g(task, s, st) for g in pos], **{n: g(task, s, st) for n, g in kw})
+
+    return call
+
+
+def _getter(value: str) -> Caller:
+    """How to get the value named ``value`` (see _Layout) for one run."""
+    fixed: dict[str, Caller] = {
+        "instance": lambda task, s, st: task.path,
+        "save_callback": lambda task, s, st: s,
+        "state": lambda task, s, st: st,
+        "iteration": lambda task, s, st: task.iteration,
+        "seed": lambda task, s, st: task.seed,
+        "params": lambda task, s, st: dict(task.params),
+    }
+    return fixed.get(value) or (lambda task, s, st: task.params[value])
 
 
 # -- shipping to other processes and machines ----------------------------------------
@@ -238,8 +303,10 @@ def ship(run: Callable[..., Any], executor: str, destination: str, *, remote: bo
 
 
 def neighbours(run: Callable[..., Any]) -> list[Path]:
-    """Files of the modules imported from the run module's own folder (``from featlib
-    import x`` next to it): what workers on other machines need besides the run module.
+    """What the run module imported from its own folder (``from featlib import x``, or
+    ``from mylib.models import y`` with a ``mylib/`` package next to it): the module
+    files and the package folders that workers on other machines need besides the run
+    module itself.
     """
     module = sys.modules.get(getattr(run, "__module__", "") or "")
     file = getattr(module, "__file__", None)
@@ -254,6 +321,9 @@ def neighbours(run: Callable[..., Any]) -> list[Path]:
         resolved = Path(path).resolve()
         if resolved.parent == folder:
             found.add(resolved)
+        elif resolved.name == "__init__.py" and resolved.parent.parent == folder:
+            # A package in the folder: the whole package folder travels.
+            found.add(resolved.parent)
     return sorted(found)
 
 
@@ -286,7 +356,7 @@ __all__ = [
     "PARAMETERS",
     "Caller",
     "ShippedRun",
-    "check_signature",
+    "check_params",
     "function_hash",
     "hash_bytes",
     "load_module_run",

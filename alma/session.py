@@ -25,7 +25,16 @@ from .errors import AlmaError, Interrupted, StateError
 from .executors import Executor, executor_class
 from .lock import ExperimentLock
 from .plan import Plan, Tally, mark, owed_count, plan
-from .records import FAILED, CheckpointRecord, Outcome, RunError, RunKey, RunRecord, Task
+from .records import (
+    FAILED,
+    CheckpointRecord,
+    Outcome,
+    RunError,
+    RunKey,
+    RunRecord,
+    Task,
+    seed_of,
+)
 from .spec import Spec
 from .store import Store
 from .writer import Writer
@@ -84,9 +93,11 @@ class Session:
         self.halted: AlmaError | None = None
         self._plan: Plan | None = None
         self._owed = 0  # runs the plan held when it was made
-        # Keyed by RunKey, which is a (instance, iteration) tuple: plain tuples find them.
-        self._inflight: dict[tuple[int, int], Task] = {}  # executing now
-        self._saving: set[tuple[int, int]] = set()  # finished, waiting for their commit
+        # Keyed by RunKey, a (instance, config, iteration) tuple: plain tuples find them.
+        self._inflight: dict[tuple[int, int, int], Task] = {}  # executing now
+        self._saving: set[tuple[int, int, int]] = set()  # finished, waiting for their commit
+        # Runs interrupted (a stop, a lost worker) and owed again, by key: how often.
+        self._interrupted: dict[tuple[int, int, int], int] = {}
         self._checkpoints = store.checkpoints()
         self._executors: list[Executor] = []
         self._live = 0  # executors started (or reserved) that have not called executor_done
@@ -106,7 +117,7 @@ class Session:
         lock.acquire()
         try:
             ids = store.open_writer(
-                list(zip(spec.instances, spec.paths, strict=True)), spec.iterations, spec.code_hash
+                spec.instances, spec.paths, spec.params, spec.iterations, spec.code_hash
             )
             with mutex:
                 tally.refresh(store, force=True, ids=ids)
@@ -229,8 +240,8 @@ class Session:
         mutex."""
         rows = self._tally.marks(self._store)
         iterations = self.spec.iterations
-        for instance, iteration in [*self._inflight, *self._saving]:  # running, or saving
-            pos = self._tally.position.get(instance)
+        for instance, config, iteration in [*self._inflight, *self._saving]:  # running, saving
+            pos = self._tally.position.get((instance, config))
             if pos is not None and iteration < iterations:
                 mark(rows, pos, iteration)
         count = owed_count(rows, iterations)
@@ -244,16 +255,20 @@ class Session:
             plan = self._plan
             if plan is None:
                 return None
-            ids = self._tally.ids
+            ids, spec = self._tally.ids, self.spec
             for pos, it in plan:
-                key = RunKey(ids[pos], it)
+                key = RunKey(*ids[pos], it)
                 if key in self._inflight or key in self._saving:
                     continue
+                inst, config = spec.cell(pos)
+                name = spec.instances[inst]
                 task = Task(
                     key,
-                    self.spec.instances[pos],
-                    self.spec.paths[pos],
+                    name,
+                    spec.paths[inst],
                     it,
+                    config.params,
+                    seed_of(name, it, config.key, spec.seed),
                     self._checkpoints.get(key),
                 )
                 self._inflight[key] = task
@@ -270,8 +285,15 @@ class Session:
                 )
             )
         key = task.key
+        with self._lock:
+            self._inflight.pop(key, None)
+            self._saving.add(key)
+            interruptions = self._interrupted.pop(key, 0) if self._interrupted else 0
+        # ... and those the executor saw and recovered from itself (a worker that left)
+        interruptions += outcome.interruptions
         record = RunRecord(  # positional: keywords cost ~0.6 µs per run here
             key.instance,
+            key.config,
             key.iteration,
             outcome.status,
             outcome.result,
@@ -281,22 +303,22 @@ class Session:
             outcome.duration,
             time.time(),
             self.spec.code_hash,
+            task.seed,
+            interruptions,
         )
-        with self._lock:
-            self._inflight.pop(key, None)
-            self._saving.add(key)
         self._writer.put_run(record, key in self._checkpoints)
 
     def abandon(self, task: Task) -> None:
         """A run was aborted by a stop: it is owed again (its checkpoint is kept)."""
         with self._lock:
             self._inflight.pop(task.key, None)
+            self._interrupted[task.key] = self._interrupted.get(task.key, 0) + 1
 
     def checkpoint(self, task: Task, text: str) -> None:
         """Durably save a checkpoint, then abort the run if a stop was asked."""
         key = task.key
         self._writer.put_checkpoint(
-            CheckpointRecord(key.instance, key.iteration, text, time.time())
+            CheckpointRecord(key.instance, key.config, key.iteration, text, time.time())
         )
         self._checkpoints[key] = text
         if self.stopping:
@@ -325,7 +347,7 @@ class Session:
         saving, checkpoints = self._saving, self._checkpoints
         with self._lock:
             for row in rows:
-                key = row[:2]  # (instance, iteration): a plain tuple, cheap on this path
+                key = row[:3]  # (instance, config, iteration): a plain tuple, cheap here
                 saving.discard(key)
                 checkpoints.pop(key, None)
             self._tally.add(rows)

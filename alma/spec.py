@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import glob
+import itertools
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from typing import Any
 from . import executors
 from .errors import ConfigError
 from .executors import ExecutorChoice
+from .records import NO_PARAMS, Config, canonical_json
 from .runfunc import hash_bytes, load_module_run
 
 #: Upper bounds, far above any real experiment, that keep a typo (2**63 iterations,
@@ -72,6 +74,125 @@ def _timeout(where: str | Path, key: str, value: Any) -> float | None:
     return value
 
 
+#: Names a parameter may not have: what run() receives from alma, and the results'
+#: own columns.
+RESERVED_PARAMETERS = (
+    "instance",
+    "save_callback",
+    "state",
+    "iteration",
+    "seed",
+    "params",
+    "status",
+    "error",
+    "duration",
+    "attempts",
+    "interruptions",
+    "finished",
+    "code",
+    "traceback",
+    "result",
+)
+#: Configurations a grid may hold: far above any real sweep.
+MAX_CONFIGS = 100_000
+
+
+def _params(where: str | Path, key: str, value: Any) -> tuple[Config, ...]:
+    """``"params"``: a grid (name -> list of values, their Cartesian product) or a list
+    of configurations (objects). Identity of each is its canonical JSON; duplicates are
+    dropped, keeping the first."""
+    if value is None:
+        return (NO_PARAMS,)
+    if isinstance(value, tuple) and value and all(isinstance(c, Config) for c in value):
+        return value  # checked already (the default, or a Spec's own)
+    example = 'Write for example "params": {"restarts": [1, 10], "cooling": [0.9, 0.99]}'
+    if isinstance(value, Mapping):
+        for name, values in value.items():
+            _check_name(where, key, name)
+            if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+                raise _fail(
+                    where,
+                    key,
+                    f"parameter {name!r}: expected a list of values, got {values!r}",
+                    f"{example}; a single value is a list of one: [{values!r}].",
+                )
+            if not values:
+                raise _fail(
+                    where,
+                    key,
+                    f"parameter {name!r} has an empty list of values",
+                    "Give at least one value, or remove the parameter.",
+                )
+        size = math.prod(len(v) for v in value.values())
+        if size > MAX_CONFIGS:
+            raise _fail(
+                where,
+                key,
+                f"the grid has {size:,} configurations (at most {MAX_CONFIGS:,})",
+                "Use fewer values.",
+            )
+        names = list(value)
+        raw = [dict(zip(names, combo, strict=True)) for combo in itertools.product(*value.values())]
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if not value:
+            raise _fail(
+                where,
+                key,
+                "the list of configurations is empty",
+                "List at least one object, or remove the field.",
+            )
+        raw = []
+        for i, config in enumerate(value):
+            if not isinstance(config, Mapping):
+                raise _fail(
+                    where,
+                    key,
+                    f"configuration {i} is {config!r}, not an object",
+                    'Write for example "params": [{"restarts": 1}, {"restarts": 10}].',
+                )
+            for name in config:
+                _check_name(where, key, name)
+            raw.append(dict(config))
+        if len(raw) > MAX_CONFIGS:
+            raise _fail(
+                where, key, f"{len(raw):,} configurations (at most {MAX_CONFIGS:,})", "Use fewer."
+            )
+    else:
+        raise _fail(
+            where, key, f"expected an object or a list of objects, got {value!r}", f"{example}."
+        )
+    configs: dict[str, Config] = {}
+    for config in raw:
+        try:  # canonical JSON, read back: values are JSON values from here on
+            text = canonical_json(config)
+        except (TypeError, ValueError) as exc:
+            raise _fail(
+                where,
+                key,
+                f"configuration {config!r} is not JSON ({exc})",
+                "Use numbers, strings, booleans, null, lists and objects.",
+            ) from None
+        configs.setdefault(text, Config(dict(sorted(json.loads(text).items()))))
+    return tuple(configs.values())
+
+
+def _check_name(where: str | Path, key: str, name: Any) -> None:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise _fail(
+            where,
+            key,
+            f"parameter name {name!r} is not a Python identifier",
+            "run() receives each parameter as a keyword argument of that name.",
+        )
+    if name in RESERVED_PARAMETERS:
+        raise _fail(
+            where,
+            key,
+            f"parameter name {name!r} is reserved",
+            f"Rename it; reserved: {', '.join(RESERVED_PARAMETERS)}.",
+        )
+
+
 def _executor(where: str | Path, key: str, value: Any) -> ExecutorChoice:
     return executors.parse(value, where)
 
@@ -96,6 +217,9 @@ class Options:
     retries: int = _option(0, _count(0, MAX_RETRIES))
     executor: ExecutorChoice = _option(DEFAULT_EXECUTOR, _executor)  # noqa: RUF009 - frozen
     timeout: float | None = _option(None, _timeout)
+    #: The configurations: ``"params"`` as given in the file, checked and expanded.
+    params: tuple[Config, ...] = _option((NO_PARAMS,), _params)
+    seed: int = _option(0, _count(0, 2**63 - 1))
 
 
 #: The names of the tunable fields, in declaration order.
@@ -119,9 +243,20 @@ class Spec(Options):
     code_hash: str = ""
 
     @property
+    def cells(self) -> int:
+        """Rows of the plan: every instance in every configuration."""
+        return len(self.instances) * len(self.params)
+
+    @property
     def total(self) -> int:
         """Number of runs in the plan."""
-        return len(self.instances) * self.iterations
+        return self.cells * self.iterations
+
+    def cell(self, pos: int) -> tuple[int, Config]:
+        """Position in the batch of row ``pos``'s instance, and its configuration: the
+        rows go instance by instance, every configuration of one instance together."""
+        inst, cfg = divmod(pos, len(self.params))
+        return inst, self.params[cfg]
 
 
 _fail = ConfigError.at
@@ -387,7 +522,7 @@ def read_experiment(path: str | os.PathLike[str], *, import_run: bool = True) ->
         )
     instances, paths = read_batch(batch, base=exp.parent)
     module = (exp.parent / data["load"]).resolve()
-    run = load_module_run(module, exp) if import_run else None
+    run = load_module_run(module, exp, options["params"]) if import_run else None
     state = _state_path(exp, data.get("state"), exp.with_name(exp.name + STATE_SUFFIX))
     try:
         code_hash = hash_bytes(module.read_bytes())

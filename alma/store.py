@@ -26,16 +26,52 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import StateError
-from .records import DONE, FAILED, CheckpointRecord, RunKey, RunRecord
+from .records import DONE, FAILED, CheckpointRecord, Config, RunKey, RunRecord, seed_of
 
 if TYPE_CHECKING:
     import pandas as pd
 
 #: PRAGMA application_id of alma state files: b"alma" read as a big-endian integer.
 APPLICATION_ID = int.from_bytes(b"alma", "big")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE instances (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, path TEXT);
+CREATE TABLE configs (id INTEGER PRIMARY KEY, params TEXT NOT NULL UNIQUE);  -- JSON
+CREATE TABLE runs (
+    instance  INTEGER NOT NULL REFERENCES instances(id),
+    config    INTEGER NOT NULL REFERENCES configs(id),
+    iteration INTEGER NOT NULL,
+    status    TEXT NOT NULL CHECK (status IN ('done', 'failed')),
+    result    TEXT,            -- JSON
+    error     TEXT,
+    traceback TEXT,
+    attempts  INTEGER NOT NULL,
+    duration  REAL,
+    finished  REAL NOT NULL,   -- unix time
+    code      TEXT,            -- hash of the run module that produced this row
+    seed      INTEGER NOT NULL,
+    interruptions INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (instance, config, iteration)
+) WITHOUT ROWID;
+CREATE TABLE checkpoints (
+    instance  INTEGER NOT NULL,
+    config    INTEGER NOT NULL,
+    iteration INTEGER NOT NULL,
+    state     TEXT NOT NULL,   -- JSON
+    saved     REAL NOT NULL,
+    PRIMARY KEY (instance, config, iteration)
+) WITHOUT ROWID;
+CREATE TABLE sessions (
+    id INTEGER PRIMARY KEY, started REAL NOT NULL, pid INTEGER, host TEXT,
+    code TEXT, iterations INTEGER, instances INTEGER
+);
+"""
+
+#: Schema 1 (alma 0.1): no configurations, no seed. Kept to recognise its files (and
+#: refuse foreign objects in them) and to migrate them.
+_SCHEMA_1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE instances (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, path TEXT);
 CREATE TABLE runs (
@@ -64,6 +100,30 @@ CREATE TABLE sessions (
 );
 """
 
+_SCHEMAS = {1: _SCHEMA_1, SCHEMA_VERSION: _SCHEMA}
+
+#: Id of the configuration without parameters, ``{}``, in a migrated schema-1 file.
+_EMPTY_CONFIG_ID = 1
+
+#: A schema-1 file read without migrating it (by a reader, which never writes): the
+#: schema-2 tables as temporary views over the old ones, so every query is the same.
+_SCHEMA_1_VIEWS = f"""
+CREATE TEMP VIEW configs AS SELECT {_EMPTY_CONFIG_ID} AS id, '{{}}' AS params;
+CREATE TEMP VIEW runs AS SELECT instance, {_EMPTY_CONFIG_ID} AS config, iteration, status,
+    result, error, traceback, attempts, duration, finished, code,
+    alma_seed((SELECT name FROM main.instances WHERE id = instance), iteration) AS seed,
+    0 AS interruptions FROM main.runs;
+CREATE TEMP VIEW checkpoints AS SELECT instance, {_EMPTY_CONFIG_ID} AS config, iteration,
+    state, saved FROM main.checkpoints;
+"""
+
+#: (instance id, config id): one row of the plan, one instance in one configuration.
+Cell = tuple[int, int]
+
+#: (first id, names, paths) of instances to insert with the next commit.
+_NewInstances = tuple[int, Sequence[str], Sequence[str]]
+_NOTHING_NEW: _NewInstances = (0, (), ())
+
 
 class Counts(NamedTuple):
     """Finished runs of one instance."""
@@ -75,11 +135,17 @@ class Counts(NamedTuple):
 class Store:
     """One experiment's state file: validation, a writer connection, cheap readers."""
 
-    def __init__(self, path: str | os.PathLike[str], experiment: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], experiment: str, seed: int = 0) -> None:
         self.path = Path(path)
         self.experiment = experiment
+        #: The experiment's "seed": the seeds of runs stored before seeds were (schema 1).
+        self.seed = seed
+        self._version = SCHEMA_VERSION  # of the file, as the reader last saw it
+        self._opened = 0  # readers connected so far
         self._writer: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None  # (device, inode) the writer opened
+        # Instances open_writer gave ids to, not inserted yet: (first id, names, paths).
+        self._unregistered: _NewInstances = _NOTHING_NEW
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
         self._ready = False  # the file was seen holding alma's schema
@@ -124,14 +190,14 @@ class Store:
                     raise self._refuse(
                         "not an alma state file (it is an SQLite database of another program)"
                     )
-                version = db.execute("PRAGMA user_version").fetchone()[0]
+                version = db.execute("PRAGMA main.user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
                     raise self._refuse(
                         f"written by a newer alma (schema {version}, this "
                         f"alma reads up to {SCHEMA_VERSION}); upgrade alma"
                     )
                 row = db.execute("SELECT value FROM meta WHERE key='experiment'").fetchone()
-                foreign = _foreign_objects(db)
+                foreign = _foreign_objects(db, version)
         except sqlite3.DatabaseError as exc:
             raise self._refuse(f"unreadable or corrupt ({exc})") from None
         if foreign:
@@ -154,14 +220,24 @@ class Store:
         db = sqlite3.connect(
             f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False, timeout=30
         )
+        self._opened += 1
+        self._version = db.execute("PRAGMA user_version").fetchone()[0]
+        if self._version == 1:  # read as it is; the first session migrates it
+            db.create_function("alma_seed", 2, self._seed_of, deterministic=True)
+            db.executescript(_SCHEMA_1_VIEWS)
         return db
+
+    def _seed_of(self, name: str, iteration: int) -> int:
+        return seed_of(name, iteration, "{}", self.seed)
 
     def data_version(self) -> int:
         """Changes whenever another connection commits (cheap change detection)."""
         if not self.exists():
             return -1
         with self._reading() as db:
-            return int(db.execute("PRAGMA data_version").fetchone()[0])
+            # data_version is per connection: a reopened reader (see _Reading) must not
+            # look unchanged by chance, so the count of readers opened is part of it.
+            return (self._opened << 40) + int(db.execute("PRAGMA data_version").fetchone()[0])
 
     def instance_ids(self) -> dict[str, int]:
         """Ids of every instance the state knows (current and removed)."""
@@ -170,45 +246,55 @@ class Store:
         with self._reading() as db:
             return dict(db.execute("SELECT name, id FROM instances"))
 
-    def counts(self, iterations: int) -> dict[int, Counts]:
-        """Per instance id: done and failed runs among iterations ``0..iterations-1``."""
+    def config_ids(self) -> dict[str, int]:
+        """Ids of every configuration the state knows, by canonical JSON (current and
+        removed)."""
+        if not self.exists():
+            return {}
+        with self._reading() as db:
+            return dict(db.execute("SELECT params, id FROM configs"))
+
+    def counts(self, iterations: int) -> dict[Cell, Counts]:
+        """Per (instance id, config id): done and failed runs among iterations
+        ``0..iterations-1``."""
         if not self.exists():
             return {}
         with self._reading() as db:
             rows = db.execute(
-                "SELECT instance, SUM(status = ?), SUM(status = ?) FROM runs "
-                "WHERE iteration < ? GROUP BY instance",
+                "SELECT instance, config, SUM(status = ?), SUM(status = ?) FROM runs "
+                "WHERE iteration < ? GROUP BY instance, config",
                 (DONE, FAILED, iterations),
             )
-            return {inst: Counts(done, failed) for inst, done, failed in rows}
+            return {(inst, cfg): Counts(done, failed) for inst, cfg, done, failed in rows}
 
-    def finished_marks(self, ids: Sequence[int], iterations: int) -> dict[int, bytearray]:
-        """Per instance id, 1 at every finished iteration (done or failed) below
-        ``iterations``; each bytearray ends at the last finished one (see alma.plan), so
-        memory follows the runs finished, not the runs planned."""
-        marks = {i: bytearray() for i in ids}
+    def finished_marks(self, cells: Sequence[Cell], iterations: int) -> dict[Cell, bytearray]:
+        """Per (instance id, config id), 1 at every finished iteration (done or failed)
+        below ``iterations``; each bytearray ends at the last finished one (see
+        alma.plan), so memory follows the runs finished, not the runs planned."""
+        marks = dict.fromkeys(cells, b"")
         if not self.exists():
-            return marks
+            return {cell: bytearray() for cell in marks}
+        found: dict[Cell, bytearray] = {}
         with self._reading() as db:
             rows = db.execute(
-                "SELECT instance, max(iteration), group_concat(iteration) FROM runs "
-                "WHERE iteration < ? GROUP BY instance",
+                "SELECT instance, config, max(iteration), group_concat(iteration) FROM runs "
+                "WHERE iteration < ? GROUP BY instance, config",
                 (iterations,),
             )
-            for inst, last, its in rows:
-                if inst in marks:
-                    mark = marks[inst] = bytearray(last + 1)
+            for inst, cfg, last, its in rows:
+                if (inst, cfg) in marks:
+                    mark = found[inst, cfg] = bytearray(last + 1)
                     for it in map(int, its.split(",")):
                         mark[it] = 1
-        return marks
+        return {cell: found.get(cell) or bytearray() for cell in marks}
 
-    def checkpoints(self) -> dict[tuple[int, int], str]:
+    def checkpoints(self) -> dict[tuple[int, int, int], str]:
         """Last checkpoint (JSON text) of every unfinished run that saved one."""
         if not self.exists():
             return {}
         with self._reading() as db:
-            rows = db.execute("SELECT instance, iteration, state FROM checkpoints")
-            return {RunKey(i, it): s for i, it, s in rows}
+            rows = db.execute("SELECT instance, config, iteration, state FROM checkpoints")
+            return {RunKey(i, c, it): s for i, c, it, s in rows}
 
     def last_session_code(self) -> str | None:
         """Code hash recorded by the previous session, if any."""
@@ -219,27 +305,39 @@ class Store:
         return None if row is None else row[0]
 
     def results_frame(self) -> pd.DataFrame:
-        """One row per finished run; a dict result becomes one column per key."""
+        """One row per finished run; each parameter of the configurations and each key
+        of a dict result becomes a column."""
         rows: list[Any] = []
+        configs: dict[int, str] = {}
         if self.exists():
             with self._reading() as db:
                 rows = db.execute(
-                    "SELECT i.name, r.iteration, r.status, r.error, r.duration, r.attempts,"
-                    " r.finished, r.code, r.traceback, r.result FROM runs r "
-                    "JOIN instances i ON i.id = r.instance ORDER BY r.instance, r.iteration"
+                    "SELECT i.name, r.iteration, r.config, r.seed, r.status, r.error,"
+                    " r.duration, r.attempts, r.interruptions, r.finished, r.code,"
+                    " r.traceback, r.result FROM runs r JOIN instances i ON i.id = r.instance"
+                    " ORDER BY r.instance, r.config, r.iteration"
                 ).fetchall()
-        return _results_frame(rows)
+                configs = dict(db.execute("SELECT id, params FROM configs"))
+        return _results_frame(rows, configs)
 
     # -- writing (the dispatcher's side only) ------------------------------------------
 
     def open_writer(
-        self, instances: Sequence[tuple[str, str]], iterations: int, code: str
-    ) -> dict[str, int]:
-        """Open (creating if new) for writing; register instances and this session.
-
-        Returns the id of every instance the state knows (those given included).
+        self,
+        names: Sequence[str],
+        paths: Sequence[str],
+        configs: Sequence[Config],
+        iterations: int,
+        code: str,
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """Open (creating if new, migrating if older) for writing; register this
+        session, the ``configs`` and give the instances (``names``, with their
+        ``paths``) that the state does not know yet their ids. Returns the id of every
+        instance and of every configuration (by canonical JSON) the state knows, those
+        given included.
         """
         self.validate()
+        batch_size = len(names)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -257,21 +355,30 @@ class Store:
                     "INSERT INTO meta VALUES (?, ?)",
                     [("experiment", self.experiment), ("created", str(time.time()))],
                 )
+            elif db.execute("PRAGMA user_version").fetchone()[0] == 1:
+                self._migrate_from_1(db)
+            known = {text for (text,) in db.execute("SELECT params FROM configs")}
+            db.executemany(
+                "INSERT INTO configs (params) VALUES (?)",
+                [(c.key,) for c in configs if c.key not in known],
+            )
+            config_ids = dict(db.execute("SELECT params, id FROM configs"))
             ids = dict(db.execute("SELECT name, id FROM instances"))
-            new = [(name, path) for name, path in instances if name not in ids]
-            if new:  # a resumed experiment usually has none: no 100,000-row insert
-                last = db.execute("SELECT coalesce(max(id), 0) FROM instances").fetchone()[0]
-                db.executemany("INSERT INTO instances (name, path) VALUES (?, ?)", new)
-                # Under this write lock SQLite gives each new row max(id) + 1: the ids are
-                # known without reading 100,000 rows back (checked, else read back).
-                if db.execute("SELECT max(id) FROM instances").fetchone()[0] == last + len(new):
-                    ids.update((name, last + 1 + i) for i, (name, _) in enumerate(new))
-                else:
-                    ids = dict(db.execute("SELECT name, id FROM instances"))
+            # New instances get their ids now but are inserted by the first group commit
+            # (write()), in the writer thread: registering 100,000 files costs ~0.3 s of
+            # index building that start() need not wait for. Nothing refers to them until
+            # a run of theirs is committed in that same transaction; the OS lock keeps
+            # every other writer out meanwhile, so the ids cannot be taken.
+            first = db.execute("SELECT coalesce(max(id), 0) + 1 FROM instances").fetchone()[0]
+            if ids:
+                new = [pos for pos, name in enumerate(names) if name not in ids]
+                names, paths = [names[p] for p in new], [paths[p] for p in new]
+            self._unregistered = (first, names, paths)
+            ids.update(zip(names, range(first, first + len(names)), strict=True))
             db.execute(
                 "INSERT INTO sessions (started, pid, host, code, iterations, instances)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (time.time(), os.getpid(), socket.gethostname(), code, iterations, len(instances)),
+                (time.time(), os.getpid(), socket.gethostname(), code, iterations, batch_size),
             )
             db.execute("COMMIT")
         except BaseException:
@@ -280,7 +387,34 @@ class Store:
         self._writer = db
         st = os.stat(self.path)
         self._identity = (st.st_dev, st.st_ino)
-        return ids
+        return ids, config_ids
+
+    def _migrate_from_1(self, db: sqlite3.Connection) -> None:
+        """Schema 1 (alma 0.1) to 2, in the caller's transaction, so a crash midway
+        leaves the old file as it was: its runs and checkpoints belong to the empty
+        configuration ``{}``; each run gets the seed it would be given now."""
+        db.create_function("alma_seed", 2, self._seed_of, deterministic=True)
+        db.execute("ALTER TABLE runs RENAME TO runs_1")
+        db.execute("ALTER TABLE checkpoints RENAME TO checkpoints_1")
+        for statement in _SCHEMA.split(";"):
+            table = statement.split("(")[0].split()[-1] if statement.strip() else ""
+            if table in ("configs", "runs", "checkpoints"):
+                db.execute(statement)
+        db.execute("INSERT INTO configs VALUES (?, '{}')", (_EMPTY_CONFIG_ID,))
+        db.execute(
+            "INSERT INTO runs SELECT r.instance, ?, r.iteration, r.status, r.result, r.error,"
+            " r.traceback, r.attempts, r.duration, r.finished, r.code, alma_seed(i.name,"
+            " r.iteration), 0 FROM runs_1 r JOIN instances i ON i.id = r.instance",
+            (_EMPTY_CONFIG_ID,),
+        )
+        db.execute(
+            "INSERT INTO checkpoints SELECT instance, ?, iteration, state, saved"
+            " FROM checkpoints_1",
+            (_EMPTY_CONFIG_ID,),
+        )
+        db.execute("DROP TABLE runs_1")
+        db.execute("DROP TABLE checkpoints_1")
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def write(
         self,
@@ -294,18 +428,21 @@ class Store:
         self._check_still_there()
         db.execute("BEGIN")
         try:
+            self._register_new(db)
             # map(tuple): sqlite3 binds exact tuples ~1 µs per row faster than NamedTuples.
             db.executemany(
-                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?)", map(tuple, checkpoints)
+                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)", map(tuple, checkpoints)
             )
             db.executemany(
-                "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 map(tuple, runs),
             )
             db.executemany(
-                "DELETE FROM checkpoints WHERE instance = ? AND iteration = ?", drop_checkpoints
+                "DELETE FROM checkpoints WHERE instance = ? AND config = ? AND iteration = ?",
+                drop_checkpoints,
             )
             db.execute("COMMIT")
+            self._unregistered = _NOTHING_NEW
         except BaseException:
             if db.in_transaction:  # a failed COMMIT (disk full) has already rolled back
                 db.execute("ROLLBACK")
@@ -334,6 +471,7 @@ class Store:
         self._check_still_there()
         db.execute("BEGIN IMMEDIATE")
         try:
+            self._register_new(db)
             if failed_only:
                 n = db.execute("DELETE FROM runs WHERE status = ?", (FAILED,)).rowcount
             else:
@@ -341,11 +479,21 @@ class Store:
             if not failed_only:
                 db.execute("DELETE FROM checkpoints")
             db.execute("COMMIT")
+            self._unregistered = _NOTHING_NEW
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
         return n
+
+    def _register_new(self, db: sqlite3.Connection) -> None:
+        """Insert the instances open_writer gave ids to (in the caller's transaction)."""
+        first, names, paths = self._unregistered
+        if names:
+            db.executemany(
+                "INSERT INTO instances VALUES (?, ?, ?)",
+                zip(range(first, first + len(names)), names, paths, strict=True),
+            )
 
     def close_writer(self) -> None:
         """Close the writer connection, folding the WAL back into the file first."""
@@ -361,6 +509,7 @@ class Store:
             self._writer.close()
             self._writer = None
             self._identity = None
+            self._unregistered = _NOTHING_NEW
 
     def close(self) -> None:
         """Close every connection this object holds."""
@@ -382,17 +531,18 @@ def _moved_away(path: Path, identity: tuple[int, int] | None) -> str | None:
 
 
 @functools.cache
-def _own_objects() -> frozenset[tuple[str, str, str | None]]:
-    """(type, name, sql) of every schema object alma creates: tables and their indexes."""
+def _own_objects(version: int) -> frozenset[tuple[str, str, str | None]]:
+    """(type, name, sql) of every schema object alma creates in a file of schema
+    ``version``: tables and their indexes."""
     with contextlib.closing(sqlite3.connect(":memory:")) as db:
-        db.executescript(_SCHEMA)
+        db.executescript(_SCHEMAS.get(version, ""))
         return frozenset(db.execute("SELECT type, name, sql FROM sqlite_master"))
 
 
-def _foreign_objects(db: sqlite3.Connection) -> list[str]:
+def _foreign_objects(db: sqlite3.Connection, version: int) -> list[str]:
     """Schema objects alma did not create (or whose definition was changed), by name."""
-    own = _own_objects()
-    rows = db.execute("SELECT type, name, sql FROM sqlite_master").fetchall()
+    own = _own_objects(version)
+    rows = db.execute("SELECT type, name, sql FROM main.sqlite_master").fetchall()
     return sorted(f"{kind} {name}" for kind, name, sql in rows if (kind, name, sql) not in own)
 
 
@@ -406,11 +556,20 @@ class _Reading:
         s = self.store
         s._read_lock.acquire()
         try:
+            if s._reader is not None and s._version != SCHEMA_VERSION:
+                # Opened on a new or a schema-1 file: a session may have created or
+                # migrated the schema since. (A current file needs no such check.)
+                version = s._reader.execute("PRAGMA main.user_version").fetchone()[0]
+                if version != s._version:
+                    s._reader.close()
+                    s._reader = None
             if s._reader is None:
                 s._reader = s._connect_reader()
         except sqlite3.Error as exc:
             s._read_lock.release()
-            raise s._refuse(f"cannot be opened ({exc})") from None
+            if isinstance(exc, sqlite3.OperationalError):
+                raise s._refuse(f"cannot be opened ({exc})") from None
+            raise s._refuse(f"unreadable or corrupt ({exc})") from None
         except BaseException:
             s._read_lock.release()
             raise
@@ -427,28 +586,40 @@ class _Reading:
             raise self.store._refuse(f"unreadable or corrupt ({exc})") from None
 
 
-#: The columns of results_frame before the result's own (see docs/experiment.md).
-RESULT_COLUMNS = (
-    "instance",
-    "iteration",
+#: The columns of results_frame around the parameters' and the result's own (see
+#: docs/experiment.md): identity, then the parameters, then these, then the result.
+IDENTITY_COLUMNS = ("instance", "iteration")
+RUN_COLUMNS = (
+    "seed",
     "status",
     "error",
     "duration",
     "attempts",
+    "interruptions",
     "finished",
     "code",
     "traceback",
 )
 
 
-def _results_frame(rows: list[Any]) -> pd.DataFrame:
-    """The results frame of rows read as RESULT_COLUMNS + (result JSON,)."""
+def _results_frame(rows: list[Any], configs: dict[int, str]) -> pd.DataFrame:
+    """The results frame of rows read as (instance, iteration, config id, *RUN_COLUMNS,
+    result JSON), with ``configs`` (id -> params JSON)."""
     import pandas as pd
 
-    cols = list(zip(*rows, strict=True)) if rows else [()] * (len(RESULT_COLUMNS) + 1)
-    frame = pd.DataFrame(dict(zip(RESULT_COLUMNS, cols, strict=False)))
+    width = len(IDENTITY_COLUMNS) + 1 + len(RUN_COLUMNS) + 1
+    cols = list(zip(*rows, strict=True)) if rows else [()] * width
+    identity, config, run, results = cols[:2], cols[2], cols[3:-1], cols[-1]
+    frame = pd.DataFrame(dict(zip(IDENTITY_COLUMNS, identity, strict=True)))
+    params = {cid: json.loads(text) for cid, text in configs.items()}
+    if any(params.values()):  # one column per parameter, a row per configuration first
+        per_config = pd.DataFrame.from_records(list(params.values()), index=list(params))
+        taken = per_config.reindex(list(config))
+        frame = pd.concat([frame, taken.reset_index(drop=True)], axis=1)
+    for name, values in zip(RUN_COLUMNS, run, strict=True):
+        frame[name] = values
     frame["finished"] = pd.to_datetime(frame["finished"], unit="s", utc=True)
-    return _expand_results(frame, _decode_results(cols[-1], frame))
+    return _expand_results(frame, _decode_results(results, frame))
 
 
 def _decode_results(texts: Sequence[str | None], frame: pd.DataFrame) -> list[Any]:

@@ -2,7 +2,8 @@
 
 Every run starts from a random partition and flips one vertex at a time, keeping the
 flip when the cut does not shrink; it checkpoints every 2000 steps, so a paused run
-resumes where it was instead of starting over.
+resumes where it was instead of starting over. ``steps`` (default 40,000) is a
+parameter a grid can vary (notebooks/variants.ipynb compares two values).
 """
 
 import random
@@ -26,7 +27,7 @@ def read_graph(path):
     return neighbours, len(edges)
 
 
-def run(instance, save_callback, state, iteration):
+def run(instance, save_callback, state, iteration, steps=STEPS):
     neighbours, m = read_graph(instance)
     n = len(neighbours)
     if state is None:  # a first attempt: random start, seeded per iteration
@@ -37,13 +38,13 @@ def run(instance, save_callback, state, iteration):
         side, step = state["side"], state["step"]
         rng = random.Random(iteration * 1_000_003 + step)
     cut = sum(side[a] != side[b] for a in range(n) for b in neighbours[a]) // 2
-    while step < STEPS:
+    while step < steps:
         v = rng.randrange(n)
         gain = sum(1 if side[v] == side[u] else -1 for u in neighbours[v])
         if gain >= 0:
             side[v] = not side[v]
             cut += gain
         step += 1
-        if step % CHECKPOINT_EVERY == 0 and step < STEPS:
+        if step % CHECKPOINT_EVERY == 0 and step < steps:
             save_callback({"side": side, "step": step})
     return {"cut": cut, "edges": m, "ratio": cut / m}

@@ -23,6 +23,7 @@ import alma.executors
 import alma.experiment
 from alma.dispatcher import Dispatcher
 from alma.executors import Executor, ExecutorChoice, RunSource
+from alma.records import NO_PARAMS
 from alma.spec import EXPERIMENT_FIELDS, OPTION_FIELDS, Options, Spec
 
 PACKAGE = Path(alma.__file__).parent
@@ -146,11 +147,12 @@ def test_the_engine_reaches_front_ends_only_through_the_documented_seam() -> Non
 
 
 def test_leaf_modules_import_no_other_part_of_alma() -> None:
-    """records and errors are shared by everything, workers included."""
+    """records and errors are shared by everything, workers included; runfunc (what
+    workers need to call run()) adds only them."""
     graph = _graph()
     assert graph["alma.records"] == set()
     assert graph["alma.errors"] == set()
-    assert graph["alma.runfunc"] <= {"alma.errors"}
+    assert graph["alma.runfunc"] <= {"alma.errors", "alma.records"}
 
 
 # -- defaults in one place -------------------------------------------------------------
@@ -162,6 +164,8 @@ def test_experiment_keywords_are_the_declared_options_with_their_defaults() -> N
         assert f.name in params, f"alma.Experiment lacks {f.name}="
         default = params[f.name].default
         declared = f.default.name if isinstance(f.default, ExecutorChoice) else f.default
+        if declared == (NO_PARAMS,):
+            declared = None  # no "params": the one empty configuration
         assert default == declared, f.name
     assert set(EXPERIMENT_FIELDS) == {"load", "batch", "state", *OPTION_FIELDS}
 

@@ -180,7 +180,7 @@ def test_results_to_stdout_as_csv(make_experiment) -> None:
     out = alma_cli("results", exp)
     assert out.returncode == 0, out.stderr
     header, *rows = out.stdout.strip().splitlines()
-    assert header.split(",")[:3] == ["instance", "iteration", "status"]
+    assert header.split(",")[:4] == ["instance", "iteration", "seed", "status"]
     assert len(rows) == 3
 
 

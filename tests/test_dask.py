@@ -456,10 +456,10 @@ def test_direct_checkpoint_channel_needs_the_secret() -> None:
 
     from alma.executors.dask import _CheckpointServer
 
-    seen: list[tuple[int, int, str]] = []
+    seen: list[tuple[tuple[int, int, int], str]] = []
 
-    def handler(inst: int, it: int, state: str) -> str:
-        seen.append((inst, it, state))
+    def handler(key: tuple[int, int, int], state: str) -> str:
+        seen.append((tuple(key), state))
         return "ok"
 
     server = _CheckpointServer.open("127.0.0.1", handler)
@@ -476,17 +476,17 @@ def test_direct_checkpoint_channel_needs_the_secret() -> None:
     try:
         for hello in [json.dumps({"secret": "wrong"}).encode(), b"\x80\x04not json"]:
             intruder = connect(hello)
-            intruder.send_bytes(json.dumps([1, 2, '{"x": 1}']).encode())
+            intruder.send_bytes(json.dumps([1, 1, 2, '{"x": 1}']).encode())
             with pytest.raises((EOFError, OSError)):
                 assert intruder.poll(5)
                 intruder.recv_bytes()
             intruder.close()
         assert seen == []
         worker = connect(json.dumps({"secret": secret}).encode())
-        worker.send_bytes(json.dumps([1, 2, '{"x": 1}']).encode())
+        worker.send_bytes(json.dumps([1, 1, 2, '{"x": 1}']).encode())
         assert worker.poll(5) and worker.recv_bytes() == b"ok"
         worker.close()
-        assert seen == [(1, 2, '{"x": 1}')]
+        assert seen == [((1, 1, 2), '{"x": 1}')]
     finally:
         server.close()
 
@@ -554,20 +554,25 @@ def test_a_local_cluster_takes_localcluster_options(
 def test_a_run_module_importing_its_neighbour_runs_on_an_external_cluster(
     make_experiment: ExperimentFactory, dispatchers: list[Any], cluster: Cluster
 ) -> None:
-    """The workers run in another folder: the neighbour module travels to them."""
+    """The workers run in another folder: the neighbour module and package travel to
+    them."""
     exp = make_experiment(
-        "from featlib_ext import weight\n\ndef run(instance, save_callback, state):\n"
-        "    return {'w': weight(instance)}\n",
+        "from featlib_ext import weight\nfrom featpkg_ext.scale import factor\n\n"
+        "def run(instance, save_callback, state):\n"
+        "    return {'w': weight(instance) * factor()}\n",
         instances=3,
         iterations=2,
         workers=2,
         executor={"dask": cluster.address},
     )
     (exp.parent / "featlib_ext.py").write_text("def weight(path):\n    return 7\n")
+    (exp.parent / "featpkg_ext").mkdir()
+    (exp.parent / "featpkg_ext" / "__init__.py").write_text("")
+    (exp.parent / "featpkg_ext" / "scale.py").write_text("def factor():\n    return 3\n")
     d = alma.experiment.load(exp)
     dispatchers.append(d)
     d.start()
     assert d.join(timeout=120)
     r = d.results
     assert (r["status"] == "done").all(), r["error"].tolist()
-    assert r["w"].tolist() == [7] * 6
+    assert r["w"].tolist() == [21] * 6

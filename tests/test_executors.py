@@ -633,3 +633,35 @@ def test_processes_run_that_workers_cannot_load_fails_its_runs_clearly(
     assert (r["status"] == "failed").all() and len(r) == 2
     assert r["error"].str.contains("could not load the run function").all()
     assert r["error"].str.contains("ModuleNotFoundError: No module named 'vanishing'").all()
+
+
+def test_parameters_and_seed_reach_run_on_every_executor(
+    make_experiment: ExperimentFactory, dispatchers: list[Any], executor: str
+) -> None:
+    """Each run gets exactly what it declares: its configuration's parameters by name,
+    the whole configuration as ``params``, and its seed, the same on every executor."""
+    exp = make_experiment(
+        """
+        def run(instance, save_callback, state, restarts, seed, params, cooling=0.5):
+            return {"got": [restarts, cooling, seed], "whole": params}
+        """,
+        instances=2,
+        iterations=2,
+        workers=2,
+        executor=executor,
+        params=[{"restarts": 1}, {"restarts": 10, "cooling": 0.9}],
+        seed=7,
+    )
+    d = load(exp, dispatchers)
+    d.start()
+    assert d.join(timeout=90) is True
+    r = d.results
+    assert (r["status"] == "done").all() and len(r) == 8, r["error"].tolist()
+    for row in r.itertuples():
+        given = {"restarts": row.restarts} | (
+            {} if row.cooling != row.cooling else {"cooling": row.cooling}  # NaN: not given
+        )
+        expected_seed = alma.run_seed(row.instance, row.iteration, given, 7)
+        assert row.seed == expected_seed
+        assert row.got == [row.restarts, given.get("cooling", 0.5), expected_seed]
+        assert row.whole == given

@@ -337,7 +337,22 @@ def test_timer_updates_reach_iopub_as_the_displaying_cell(tmp_path: Path, kernel
     assert "running" in status_values
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "magics.ipynb"])
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_variants_notebook_compares_a_grid_headless(tmp_path: Path) -> None:
+    copy_examples(tmp_path)
+    nb = execute_notebook(tmp_path / "notebooks" / "variants.ipynb")
+    per_config = outputs_text(cell_with(nb, "d.start()\nd.join()\nd.configs"))
+    assert "2000" in per_config and "20000" in per_config and " 60 " in per_config
+    table = outputs_text(cell_with(nb, "r = d.results"))
+    assert "graphs/g00_n40.txt" in table and "20000" in table
+    plot = cell_with(nb, "ax = table.plot.barh")
+    assert any("image/png" in o.get("data", {}) for o in plot.outputs)
+    assert outputs_text(cell_with(nb, "row = done.iloc[0]")).startswith("True {")
+    assert (tmp_path / "notebooks" / "variants.sqlite").exists()
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "magics.ipynb", "variants.ipynb"])
 def test_notebooks_are_stored_without_outputs(name: str) -> None:
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbformat.validate(nb)

@@ -367,9 +367,7 @@ def test_million_finished_runs_load_and_count(make_experiment, tmp_path: Path) -
     exp = make_experiment(instances=100, iterations=10_000)
     spec = alma.experiment.load(exp).spec
     store = Store(spec.state_path, spec.name)
-    ids = store.open_writer(
-        list(zip(spec.instances, spec.paths, strict=True)), spec.iterations, spec.code_hash
-    )
+    ids = store.open_writer(spec.instances, spec.paths, spec.iterations, spec.code_hash)
     rows = [
         (ids[name], it, "done", "1", None, None, 1, 0.0, 1.7e9, spec.code_hash)
         for name in spec.instances

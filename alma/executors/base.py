@@ -177,7 +177,7 @@ def execute(
         attempt += 1
         try:
             state = _load_checkpoint(task.checkpoint)
-            result = to_json(caller(task.path, save_callback, state, task.iteration))
+            result = to_json(caller(task, save_callback, state))
         except Interrupted:
             raise  # a stop, not a failure: the run is owed again
         except BaseException as exc:  # even sys.exit() in run() fails only that run

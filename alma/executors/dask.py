@@ -59,12 +59,15 @@ import logging
 import math
 import secrets
 import socket
+import tempfile
 import threading
 import time
 import uuid
 import warnings
+import zipfile
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from ..errors import AlmaError, ConfigError, Interrupted
@@ -202,18 +205,22 @@ class DaskExecutor(Executor):
             ) from exc
 
     def _upload_neighbours(self) -> None:
-        """Send the modules the run module imports from its own folder to the workers
-        (which may be on machines without that folder); workers that join later get
-        them too. A local cluster needs none of this: its workers share this sys.path."""
-        for path in neighbours(self.run):
-            try:
-                self._client.upload_file(str(path), load=True)
-            except Exception as exc:
-                raise AlmaError(
-                    f"cannot send {path} (imported by the run module) to the Dask "
-                    f"workers ({type(exc).__name__}: {exc}). Install it where the workers "
-                    "run, or move what run() needs into the run module."
-                ) from exc
+        """Send the modules and packages the run module imports from its own folder to
+        the workers (which may be on machines without that folder); workers that join
+        later get them too. A package travels as a zip archive, which Dask puts on the
+        workers' sys.path. A local cluster needs none of this: its workers share this
+        sys.path."""
+        with tempfile.TemporaryDirectory(prefix="alma-upload-") as tmp:
+            for path in neighbours(self.run):
+                try:
+                    upload = _zip_package(path, Path(tmp)) if path.is_dir() else path
+                    self._client.upload_file(str(upload), load=True)
+                except Exception as exc:
+                    raise AlmaError(
+                        f"cannot send {path} (imported by the run module) to the Dask "
+                        f"workers ({type(exc).__name__}: {exc}). Install it where the "
+                        "workers run, or move what run() needs into the run module."
+                    ) from exc
 
     def _direct_host(self) -> str | None:
         """The address of this machine that the workers can reach, or None.
@@ -400,7 +407,9 @@ class _Window:
         per run."""
         session = self.ex._session
         # Unique per submission: a run submitted again must not get its old future back.
-        keys = [f"alma-run-{session}-{t.key[0]}-{t.key[1]}-{next(self.seq)}" for t, _ in tasks]
+        keys = [
+            f"alma-run-{session}-{'-'.join(map(str, t.key))}-{next(self.seq)}" for t, _ in tasks
+        ]
         n = len(tasks)
         futures = self.client.map(
             _dask_run,
@@ -411,6 +420,8 @@ class _Window:
             [t.key for t, _ in tasks],
             [t.path for t, _ in tasks],
             [t.iteration for t, _ in tasks],
+            [t.params for t, _ in tasks],
+            [t.seed for t, _ in tasks],
             [t.checkpoint for t, _ in tasks],
             [self.ex.retries] * n,
             [self.relay.channel] * n,
@@ -497,7 +508,7 @@ class _CheckpointRelay:
         self._server = _CheckpointServer.open(executor._direct_host(), self.commit)
         self.channel = None if self._server is None else self._server.channel
 
-    def commit(self, inst: int, it: int, state: str, key: str = "", execution: str = "") -> str:
+    def commit(self, run_key: RunKey, state: str, key: str = "", execution: str = "") -> str:
         """Commit one checkpoint sent by a worker; the answer: "ok", "stop", or
         "restart:" and the checkpoint to start again from.
 
@@ -506,7 +517,6 @@ class _CheckpointRelay:
         after its worker died, from the checkpoint it was submitted with: older than
         the last one committed, so it is refused and the run restarts from that one.
         """
-        run_key = RunKey(inst, it)
         with self.ex._lock:
             task = self.ex._tasks.get(run_key)
             if task is None:  # abandoned (stop) or finished: nobody stores it any more
@@ -545,9 +555,9 @@ class _CheckpointRelay:
                 return
             if item is None:
                 return
-            reply_name, inst, it, state, *execution = item
-            answer = self.commit(inst, it, state, *execution)
-            key = RunKey(inst, it)
+            reply_name, inst, cfg, it, state, *execution = item
+            key = RunKey(inst, cfg, it)
+            answer = self.commit(key, state, *execution)
             try:
                 with self.ex._lock:
                     reply = self._replies.get(key)
@@ -647,9 +657,10 @@ class _CheckpointServer:
             with self._lock:
                 self._pending -= 1
             while True:
-                # [instance, iteration, state] and, from workers, [dask key, execution]
-                inst, it, state, *execution = json.loads(conn.recv_bytes())
-                answer = self._handler(int(inst), int(it), str(state), *map(str, execution[:2]))
+                # [instance, config, iteration, state] and, from workers, [dask key, execution]
+                inst, cfg, it, state, *execution = json.loads(conn.recv_bytes())
+                key = RunKey(int(inst), int(cfg), int(it))
+                answer = self._handler(key, str(state), *map(str, execution[:2]))
                 conn.send_bytes(answer.encode())
         except (EOFError, OSError, ValueError, TypeError):
             pass  # closed, or not one of ours
@@ -818,9 +829,11 @@ def _dask_run(
     token: str,
     payload: ShippedRun,
     key: str,
-    run_key: tuple[int, int],
+    run_key: tuple[int, int, int],
     path: str,
     iteration: int,
+    params: dict[str, Any],
+    seed: int,
     state: str | None,
     retries: int,
     channel: tuple[str, int, str] | None = None,
@@ -842,7 +855,7 @@ def _dask_run(
     reply: Any = None
     try:
         caller = _caller(token, payload)
-        task = Task(RunKey(*run_key), "", path, iteration, state)
+        task = Task(RunKey(*run_key), "", path, iteration, params, seed, state)
 
         def checkpoint(_task: Task, text: str) -> None:
             answer = send(text)
@@ -855,7 +868,7 @@ def _dask_run(
 
         def send(text: str) -> str:
             nonlocal reply
-            message = [run_key[0], run_key[1], text, key, execution]
+            message = [*run_key, text, key, execution]
             answer = _send_direct(session, channel, message) if channel else None
             if answer is not None:
                 return answer
@@ -887,3 +900,14 @@ def _dask_run(
 
 
 __all__ = ["CONNECT_TIMEOUT", "DaskExecutor"]
+
+
+def _zip_package(package: Path, into: Path) -> Path:
+    """``package`` (a folder) as ``into/<name>.zip`` holding ``<name>/...``: its Python
+    sources, without caches."""
+    archive = into / f"{package.name}.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for file in sorted(package.rglob("*.py")):
+            if "__pycache__" not in file.parts:
+                zf.write(file, file.relative_to(package.parent).as_posix())
+    return archive

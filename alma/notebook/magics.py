@@ -126,6 +126,11 @@ class AlmaMagics(Magics):
         d = self._current("status")
         _resync(d)
         print(_summary(d))
+        if len(d.spec.params) > 1:  # a grid: a line per configuration
+            for row in d.configs.to_dict("records"):
+                counts = {k: row.pop(k) for k in ("done", "failed", "running", "pending")}
+                label = ", ".join(f"{k}={v!r}" for k, v in row.items())
+                print(f"  {label}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
 
     def _results(self) -> pd.DataFrame:
         return self._current("results").results

@@ -73,10 +73,10 @@ def channel(monkeypatch: pytest.MonkeyPatch) -> Any:
     from alma.executors import dask as dask_executor
 
     monkeypatch.setattr(dask_executor, "AUTH_TIMEOUT", 1.0)
-    seen: list[tuple[int, int, str]] = []
+    seen: list[tuple[tuple[int, int, int], str]] = []
 
-    def handler(inst: int, it: int, state: str) -> str:
-        seen.append((inst, it, state))
+    def handler(key: tuple[int, int, int], state: str) -> str:
+        seen.append((tuple(key), state))
         return "ok"
 
     server = dask_executor._CheckpointServer.open("127.0.0.1", handler)
@@ -108,7 +108,7 @@ def _good_checkpoint(server: Any) -> bytes:
     conn = Connection(sock.detach())
     try:
         conn.send_bytes(json.dumps({"secret": server.channel[2]}).encode())
-        conn.send_bytes(json.dumps([1, 2, '{"x": 1}']).encode())
+        conn.send_bytes(json.dumps([1, 1, 2, '{"x": 1}']).encode())
         return conn.recv_bytes()
     finally:
         conn.close()
@@ -120,7 +120,7 @@ def test_a_stalled_connection_is_dropped_before_it_authenticates(channel: Any) -
     start = time.monotonic()
     assert _closed_by_peer(stalled, within=10)
     assert time.monotonic() - start < 5  # AUTH_TIMEOUT is 1 s here
-    assert _good_checkpoint(server) == b"ok" and seen == [(1, 2, '{"x": 1}')]
+    assert _good_checkpoint(server) == b"ok" and seen == [((1, 1, 2), '{"x": 1}')]
 
 
 def test_a_huge_length_header_allocates_nothing_and_is_dropped(channel: Any) -> None:

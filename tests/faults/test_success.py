@@ -182,7 +182,7 @@ def test_a_damaged_checkpoint_fails_its_run_only_and_a_retry_starts_it_afresh(
     assert alma_cli("reset", "--yes", exp).returncode == 0  # creates the state file
     with contextlib.closing(sqlite3.connect(state)) as db:
         inst = db.execute("SELECT id FROM instances WHERE name = 'data/file1.txt'").fetchone()[0]
-        db.execute("INSERT INTO checkpoints VALUES (?, 0, ?, 0)", (inst, '{"step": 3'))
+        db.execute("INSERT INTO checkpoints VALUES (?, 1, 0, ?, 0)", (inst, '{"step": 3'))
         db.commit()
     done = alma_cli("run", "-q", exp)
     assert done.returncode == 1, done.stderr
