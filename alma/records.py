@@ -128,6 +128,10 @@ class Outcome:
     attempts: int
     #: Seconds from the first attempt's start to the end of the last one.
     duration: float
+    #: Times the run was cut off by its worker leaving (a batch job's walltime, a
+    #: preemption, a worker that died) and resumed from its last checkpoint, in this
+    #: session; never counted as failed attempts.
+    interruptions: int = 0
 
 
 class RunRecord(NamedTuple):

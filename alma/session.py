@@ -311,6 +311,8 @@ class Session:
             self._inflight.pop(key, None)
             self._saving.add(key)
             interruptions = self._interrupted.pop(key, 0) if self._interrupted else 0
+        # ... and those the executor saw and recovered from itself (a worker that left)
+        interruptions += outcome.interruptions
         record = RunRecord(  # positional: keywords cost ~0.6 µs per run here
             key.instance,
             key.config,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ExperimentFactory
+from helpers import SLURM_REQUIRED, ExperimentFactory, slurm_options, slurm_unavailable
 
 
 @pytest.fixture
@@ -28,3 +30,18 @@ def dispatchers() -> Iterator[list[Any]]:
                 d.close()
         except Exception:  # best-effort cleanup
             pass
+
+
+@pytest.fixture
+def slurm(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """``"executor"`` options for the local SLURM cluster (.ci/slurm-up.sh), with a job
+    name of this test's own; its jobs are cancelled at the end whatever happens.
+    Skipped where no cluster answers, failed instead under ALMA_SLURM=1 (CI)."""
+    reason = slurm_unavailable()
+    if reason:
+        if SLURM_REQUIRED:
+            pytest.fail(f"ALMA_SLURM=1 but {reason}")
+        pytest.skip(reason)
+    name = f"alma-test-{uuid.uuid4().hex[:8]}"
+    yield slurm_options(tmp_path, job_name=name)
+    subprocess.run(["scancel", "--name", name], check=False, timeout=30)

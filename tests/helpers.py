@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -144,3 +145,42 @@ def alma_popen(
 def python_env() -> dict[str, str]:
     """Environment for any Python subprocess a test starts."""
     return _env()
+
+
+#: Set by .ci/run: a SLURM cluster that cannot be reached fails the SLURM tests.
+SLURM_REQUIRED = os.environ.get("ALMA_SLURM") == "1"
+
+
+def slurm_unavailable() -> str | None:
+    """Why the SLURM tests cannot run here (None: a SLURM cluster answers, with a node
+    up, and dask-jobqueue is installed). ``bash .ci/slurm-up.sh`` (root) starts one."""
+    import importlib.util
+
+    if importlib.util.find_spec("dask_jobqueue") is None:
+        return 'dask-jobqueue is not installed (pip install -e ".[test]")'
+    if shutil.which("sbatch") is None:
+        return "no SLURM here (sbatch not on PATH); as root, bash .ci/slurm-up.sh installs one"
+    try:
+        out = subprocess.run(
+            ["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"sinfo failed: {exc}"
+    up = [s for s in out.stdout.split() if s.rstrip("*~#") in ("idle", "mix", "alloc", "comp")]
+    if out.returncode != 0 or not up:
+        said = " ".join((out.stderr or out.stdout).split())
+        return f"the SLURM cluster has no node up ({said}); as root, bash .ci/slurm-up.sh"
+    return None
+
+
+def slurm_options(root: Path, **options: Any) -> dict[str, Any]:
+    """``"executor"`` options for the test cluster of .ci/slurm-up.sh: single-core jobs
+    on this machine (the scheduler on loopback), files under ``root``."""
+    return {
+        "interface": "lo",
+        "memory": "512MB",
+        "walltime": "00:10:00",
+        "local_directory": str(root / "dask-scratch"),
+        "log_directory": str(root / "slurm-logs"),
+        **options,
+    }

@@ -258,5 +258,6 @@ def test_an_installed_package_provides_an_executor_to_alma_run(
         stdin=subprocess.DEVNULL,
     )
     assert (
-        done.returncode == 2 and "expected one of ['dask', 'processes', 'threads']" in done.stderr
+        done.returncode == 2
+        and "expected one of ['dask', 'processes', 'slurm', 'threads']" in done.stderr
     )

@@ -175,7 +175,8 @@ def test_worker_killed_mid_run_loses_and_duplicates_nothing(
     d.start()
 
     def victim_mid_run() -> list[str]:
-        done = set(zip(d.results["instance"], d.results["iteration"], strict=True))
+        r = d.results  # once: it grows while runs finish
+        done = set(zip(r["instance"], r["iteration"], strict=True))
         started = [m.name for m in marks.glob(f"*-{victim_pid}")]
         return [
             m
@@ -197,6 +198,65 @@ def test_worker_killed_mid_run_loses_and_duplicates_nothing(
     for mark in killed_runs:  # finished by the surviving worker
         name, it, _ = mark.rsplit("-", 2)
         assert by_key[(f"data/{name}", int(it))] != victim_pid
+
+
+RESTARTING_RUN = """
+import os
+import pathlib
+import time
+
+MARKS = pathlib.Path({marks!r})
+
+def run(instance, save_callback, state, iteration):
+    step = 0 if state is None else state["step"]
+    start = step
+    victim = (MARKS / "victim").read_text() == str(os.getpid())
+    while step < 4:
+        time.sleep(0.1)
+        step += 1
+        save_callback({{"step": step}})
+        if victim and step == 2:  # committed: the test may kill this worker now
+            (MARKS / f"{{pathlib.Path(instance).name}}-{{iteration}}").touch()
+            time.sleep(120)
+    return {{"start": start}}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_run_rescheduled_after_its_worker_died_restarts_from_its_last_checkpoint(
+    make_experiment: ExperimentFactory,
+    dispatchers: list[Any],
+    cluster: Cluster,
+    tmp_path: Path,
+) -> None:
+    """Dask reruns the task with the checkpoint it was submitted with (none here); its
+    first checkpoint is refused and it starts again from step 2, the last committed."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    exp = make_experiment(
+        RESTARTING_RUN.format(marks=str(marks)),
+        instances=2,
+        iterations=2,
+        workers=2,
+        executor={"dask": cluster.address},
+    )
+    d = alma.experiment.load(exp)
+    dispatchers.append(d)
+    pids = cluster.worker_pids(2)
+    victim_pid = sorted(pids.values())[0]
+    victim = next(p for p in cluster.procs[1:] if _has_descendant(p.pid, victim_pid))
+    (marks / "victim").write_text(str(victim_pid))
+    d.start()
+    (killed,) = wait_until(lambda: list(marks.glob("file*")), timeout=60)
+    cluster.kill(victim)
+    assert d.join(timeout=180) is True
+    r = d.results
+    assert len(r) == 4 and (r["status"] == "done").all() and (r["attempts"] == 1).all()
+    name, it = killed.name.rsplit("-", 1)
+    row = r[(r["instance"] == f"data/{name}") & (r["iteration"] == int(it))]
+    assert row["start"].tolist() == [2]
+    assert (r.drop(row.index)["start"] == 0).all()
 
 
 def _has_descendant(root: int, pid: int) -> bool:

@@ -68,17 +68,23 @@ class PoolExecutor(alma.executors.Executor):
 alma.executors.register("test-pool", PoolExecutor)
 
 EXECUTORS = [
-    *alma.executors.names(),  # every registered executor, test-pool included
+    # Every registered executor, test-pool included; slurm is slow (jobs start).
+    *(name for name in alma.executors.names() if name != "slurm"),
     # Checkpoints through the scheduler's queues, as when workers cannot connect back.
     pytest.param("dask-queues", marks=pytest.mark.slow),
+    # Worker jobs on the local SLURM cluster (.ci/slurm-up.sh); skipped without one.
+    pytest.param("slurm", marks=pytest.mark.slow),
 ]
 
 
 @pytest.fixture(params=EXECUTORS)
 def executor(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The ``"executor"`` value of an experiment; dask is a LocalCluster of ``workers``."""
+    """The ``"executor"`` value of an experiment; dask is a LocalCluster of ``workers``,
+    slurm as many single-core worker jobs."""
     if request.param.startswith("dask"):
         pytest.importorskip("distributed")
+    if request.param == "slurm":
+        return {"slurm": request.getfixturevalue("slurm")}
     if request.param == "dask-queues":
         from alma.executors import dask as dask_executor
 

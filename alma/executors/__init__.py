@@ -1,7 +1,7 @@
 """Executors by name: an open registry, so a new executor is one class and one call.
 
 ``"executor"`` in an experiment is a registered name (``"threads"``, the default,
-``"processes"``, ``"dask"``) or ``{"<name>": options}`` (e.g. ``{"dask":
+``"processes"``, ``"dask"``, ``"slurm"``) or ``{"<name>": options}`` (e.g. ``{"dask":
 "tcp://host:8786"}``); each executor class validates its own options. Built-in
 executors are registered by ``"module:Class"`` and imported when first asked for, so
 optional dependencies stay optional. An installed package can provide executors under
@@ -25,6 +25,7 @@ _BUILTIN = {
     "threads": "alma.executors.threads:ThreadExecutor",
     "processes": "alma.executors.processes:ProcessExecutor",
     "dask": "alma.executors.dask:DaskExecutor",
+    "slurm": "alma.executors.slurm:SlurmExecutor",
 }
 #: name -> the class, or "module:Class" to import on first use.
 _REGISTRY: dict[str, type[Executor] | str] = dict(_BUILTIN)

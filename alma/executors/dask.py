@@ -31,10 +31,21 @@ the flag and return without calling ``run``, runs in progress are interrupted at
 next ``save_callback`` (after it saved). A run that never checkpoints goes on to its
 end and its result is kept, as with threads.
 
-A worker killed mid-run: Dask reschedules its task on another worker (from the
-checkpoint it was submitted with). If Dask gives up (``KilledWorker``, after the task
-was on several dying workers), alma resubmits it with its latest checkpoint, at most
-``MAX_RESUBMITS`` times, then records the run as failed with that error.
+A worker killed mid-run: Dask reschedules its task on another worker, with the
+arguments it was submitted with, so with a checkpoint that may be older than the
+last committed one. Each execution of a task sends an id of its own with its
+checkpoints: the first checkpoint of a second execution of the same task, after the
+first one had committed some, is refused with the latest checkpoint instead, and the
+run starts again from there (the work since that checkpoint is redone, none is lost).
+If Dask gives up (``KilledWorker``, after the task was on several dying workers),
+alma resubmits it with its latest checkpoint, at most ``MAX_RESUBMITS`` times, then
+records the run as failed with that error.
+
+A worker about to leave (:data:`EXIT`, set on the worker by an executor whose
+workers live in batch jobs: the walltime is near, or SLURM sent SIGTERM) starts no
+run and interrupts its running ones at their next checkpoint, after it saved; they
+come back as "handed back" and are submitted again at once, to another worker, from
+that checkpoint: neither a failure nor a retry.
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import importlib.util
+import itertools
 import json
 import logging
 import math
@@ -49,6 +61,7 @@ import secrets
 import socket
 import tempfile
 import threading
+import time
 import uuid
 import warnings
 import zipfile
@@ -95,6 +108,11 @@ _INSTALL_HINT = 'Install it with: pip install "pyalma[dask]"'
 #: What a Dask task returns instead of an Outcome when its run did not end.
 _SKIPPED = "skipped"  # the session stopped before the run started
 _INTERRUPTED = "interrupted"  # a stop aborted it at a checkpoint: owed again
+_HANDED_BACK = "handed back"  # its worker is leaving: submit it again elsewhere
+_DECLINED = "declined"  # its worker is leaving: it did not start; submit it again
+#: The dispatcher's answer to a checkpoint from a stale execution: "restart:" + the
+#: last committed checkpoint, to start again from.
+_RESTART = "restart:"
 
 
 def _distributed() -> Any:
@@ -143,6 +161,10 @@ class DaskExecutor(Executor):
         self._lock = threading.Lock()
         self._futures: dict[str, Any] = {}  # dask key -> future, in flight
         self._tasks: dict[RunKey, Task] = {}  # run key -> task, in flight
+        #: run key -> (dask key, execution id) whose checkpoint was committed last.
+        self._writers: dict[RunKey, tuple[str, str]] = {}
+        #: run key -> times its worker left under it, this session (Outcome.interruptions).
+        self._interruptions: dict[RunKey, int] = {}
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -231,6 +253,19 @@ class DaskExecutor(Executor):
         except (OSError, ValueError):
             return None
 
+    def _start_cluster(self, distributed: Any) -> Any:
+        """The client of the cluster this executor starts (in the driver thread, so
+        start() returns at once); subclasses start other kinds of cluster."""
+        return self._local_cluster(distributed)
+
+    def _cluster_failure(self, exc: Exception) -> str:
+        """What to tell the user when :meth:`_start_cluster` raised ``exc``."""
+        return (
+            f"starting a local Dask cluster failed: {type(exc).__name__}: {exc}. Dask "
+            "starts its workers by re-importing your __main__: in a script, put the code "
+            'that starts the experiment under if __name__ == "__main__":.'
+        )
+
     def _local_cluster(self, distributed: Any) -> Any:
         """A LocalCluster of ``workers`` single-threaded worker processes (no GIL sharing),
         with the experiment's LocalCluster options on top."""
@@ -255,7 +290,7 @@ class DaskExecutor(Executor):
                 if self._stopping:
                     return
                 try:
-                    self._client = self._local_cluster(distributed)
+                    self._client = self._start_cluster(distributed)
                 except Exception as exc:
                     self._cluster_failed(source, exc)
                     return
@@ -274,12 +309,8 @@ class DaskExecutor(Executor):
 
     def _cluster_failed(self, source: RunSource, exc: Exception) -> None:
         """No cluster, no run: say why where front-ends look (last_error) and warn."""
-        message = (
-            f"starting a local Dask cluster failed: {type(exc).__name__}: {exc}. Dask "
-            "starts its workers by re-importing your __main__: in a script, put the code "
-            'that starts the experiment under if __name__ == "__main__":.'
-        )
-        log.error("%s", message, exc_info=exc)
+        message = self._cluster_failure(exc)
+        log.error("%s", message, exc_info=None if isinstance(exc, AlmaError) else exc)
         warnings.warn(f"alma: {message}", stacklevel=1)
         error = AlmaError(message)
         error.__cause__ = exc
@@ -347,6 +378,7 @@ class _Window:
             with_results=True, raise_errors=False, loop=self.client.loop
         )
         self.meta: dict[str, tuple[Task, int]] = {}  # dask key -> (task, resubmits)
+        self.seq = itertools.count()
 
     def run(self) -> None:
         """Until nothing is owed or in flight: collect what completed, refill."""
@@ -357,6 +389,7 @@ class _Window:
                 with self.ex._lock:
                     self.ex._futures.pop(fut.key, None)
                 self.collect(task, fut, res, resubmits)
+                fut.release()  # now: a worker that leaves must not be asked to keep it
                 if fut.status == "finished" and isinstance(res, Outcome):
                     self.resize(res.duration / res.attempts)
             self.refill()
@@ -382,7 +415,10 @@ class _Window:
         """Submit (task, resubmits) pairs in one client.map: one graph update, not one
         per run."""
         session = self.ex._session
-        keys = [f"alma-run-{session}-{'-'.join(map(str, t.key))}-{n}" for t, n in tasks]
+        # Unique per submission: a run submitted again must not get its old future back.
+        keys = [
+            f"alma-run-{session}-{'-'.join(map(str, t.key))}-{next(self.seq)}" for t, _ in tasks
+        ]
         n = len(tasks)
         futures = self.client.map(
             _dask_run,
@@ -414,8 +450,13 @@ class _Window:
         status = fut.status
         if status == "finished":
             if isinstance(res, Outcome):
-                self.untrack(task)
+                res.interruptions = self.untrack(task)
                 self.source.report(task, res)
+                return
+            if res in (_HANDED_BACK, _DECLINED) and not stopping:  # its worker leaves
+                if res == _HANDED_BACK:
+                    self.interrupted(task)
+                self.submit([(task, resubmits)])  # from its latest checkpoint, elsewhere
                 return
             # _SKIPPED (the session stopped before it started) or _INTERRUPTED
         elif status == "error" and not stopping:
@@ -423,27 +464,38 @@ class _Window:
             killed = isinstance(exc, self.distributed.KilledWorker)
             if killed and resubmits < MAX_RESUBMITS:
                 log.warning("%s iteration %s: %s; resubmitting", task.instance, task.iteration, exc)
+                self.interrupted(task)
                 self.submit([(task, resubmits + 1)])  # with task.checkpoint: the latest one
                 return
-            self.untrack(task)
             error = f"{type(exc).__name__}: {exc}"
             if killed:
                 error = (
                     f"WorkerDied: the Dask workers running this run died {resubmits + 1} "
                     f"time(s) ({error}); out of memory?"
                 )
-            self.source.report(task, Outcome(FAILED, None, error, None, 1, 0.0))
+            interruptions = self.untrack(task)
+            self.source.report(task, Outcome(FAILED, None, error, None, 1, 0.0, interruptions))
             return
         elif status != "cancelled" and not stopping:  # lost: try again
+            self.interrupted(task)
             self.submit([(task, resubmits)])
             return
         self.untrack(task)
         self.source.abandon(task)
 
-    def untrack(self, task: Task) -> None:
+    def interrupted(self, task: Task) -> None:
+        """The run's worker left under it; it goes on elsewhere from its checkpoint."""
+        with self.ex._lock:
+            self.ex._interruptions[task.key] = self.ex._interruptions.get(task.key, 0) + 1
+
+    def untrack(self, task: Task) -> int:
+        """Forget a run that ended here; returns how many times it was interrupted."""
         with self.ex._lock:
             self.ex._tasks.pop(task.key, None)
+            self.ex._writers.pop(task.key, None)
+            interruptions = self.ex._interruptions.pop(task.key, 0)
         self.relay.forget(task.key)
+        return interruptions
 
 
 class _CheckpointRelay:
@@ -465,12 +517,25 @@ class _CheckpointRelay:
         self._server = _CheckpointServer.open(executor._direct_host(), self.commit)
         self.channel = None if self._server is None else self._server.channel
 
-    def commit(self, key: RunKey, state: str) -> str:
-        """Commit one checkpoint sent by a worker; the answer: "ok" or "stop"."""
+    def commit(self, run_key: RunKey, state: str, key: str = "", execution: str = "") -> str:
+        """Commit one checkpoint sent by a worker; the answer: "ok", "stop", or
+        "restart:" and the checkpoint to start again from.
+
+        ``key`` and ``execution`` name the Dask task and this execution of it. A second
+        execution of a task whose first one committed checkpoints is Dask rerunning it
+        after its worker died, from the checkpoint it was submitted with: older than
+        the last one committed, so it is refused and the run restarts from that one.
+        """
         with self.ex._lock:
-            task = self.ex._tasks.get(key)
-        if task is None:  # abandoned (stop) or finished: nobody stores it any more
-            return "stop"
+            task = self.ex._tasks.get(run_key)
+            if task is None:  # abandoned (stop) or finished: nobody stores it any more
+                return "stop"
+            writer = self.ex._writers.get(run_key)
+            self.ex._writers[run_key] = (key, execution)
+            if execution and writer and writer[0] == key and writer[1] != execution:
+                self.ex._interruptions[run_key] = self.ex._interruptions.get(run_key, 0) + 1
+                if task.checkpoint is not None:
+                    return _RESTART + task.checkpoint
         task.checkpoint = state
         try:
             self.source.checkpoint(task, state)  # returns once committed
@@ -499,9 +564,9 @@ class _CheckpointRelay:
                 return
             if item is None:
                 return
-            reply_name, inst, cfg, it, state = item
+            reply_name, inst, cfg, it, state, *execution = item
             key = RunKey(inst, cfg, it)
-            answer = self.commit(key, state)
+            answer = self.commit(key, state, *execution)
             try:
                 with self.ex._lock:
                     reply = self._replies.get(key)
@@ -541,7 +606,7 @@ class _CheckpointServer:
     NAT) fall back to the queues, so this only ever makes checkpoints faster.
     """
 
-    def __init__(self, sock: socket.socket, handler: Callable[[RunKey, str], str]) -> None:
+    def __init__(self, sock: socket.socket, handler: Callable[..., str]) -> None:
         self._sock = sock
         self._handler = handler
         self._secret = secrets.token_hex(16)
@@ -554,9 +619,7 @@ class _CheckpointServer:
         threading.Thread(target=self._accept, name="alma-dask-direct", daemon=True).start()
 
     @classmethod
-    def open(
-        cls, host: str | None, handler: Callable[[RunKey, str], str]
-    ) -> _CheckpointServer | None:
+    def open(cls, host: str | None, handler: Callable[..., str]) -> _CheckpointServer | None:
         if host is None:
             return None
         try:
@@ -603,9 +666,11 @@ class _CheckpointServer:
             with self._lock:
                 self._pending -= 1
             while True:
-                inst, cfg, it, state = json.loads(conn.recv_bytes())
+                # [instance, config, iteration, state] and, from workers, [dask key, execution]
+                inst, cfg, it, state, *execution = json.loads(conn.recv_bytes())
                 key = RunKey(int(inst), int(cfg), int(it))
-                conn.send_bytes(self._handler(key, str(state)).encode())
+                answer = self._handler(key, str(state), *map(str, execution[:2]))
+                conn.send_bytes(answer.encode())
         except (EOFError, OSError, ValueError, TypeError):
             pass  # closed, or not one of ours
         finally:
@@ -628,6 +693,55 @@ class _CheckpointServer:
 
 
 # -- on the workers ---------------------------------------------------------------------
+
+
+class WorkerExit:
+    """Whether this worker process is about to go away, and so must hand its runs back.
+
+    One per worker process (:data:`EXIT`). Nothing sets it on a plain Dask worker; an
+    executor whose workers live in batch jobs does (``executors/slurm.py``): at
+    SIGTERM (preemption, ``scancel``), or from ``deadline`` (when the job's walltime
+    ends, a Unix time). A run then starts only if the time left exceeds both
+    ``margin`` and the longest run seen here, and running runs are interrupted at
+    their next checkpoint once less than ``margin`` seconds are left.
+    """
+
+    def __init__(self) -> None:
+        self.leaving = threading.Event()
+        self.deadline: float | None = None
+        self.margin = 0.0
+        self.longest = 0.0
+
+    def may_start(self) -> bool:
+        """A run may start: this worker is not leaving and has time for one."""
+        if self.leaving.is_set():
+            return False
+        return self.deadline is None or self.deadline - time.time() > max(self.margin, self.longest)
+
+    def must_leave(self) -> bool:
+        """Runs must hand back now: SIGTERM came, or the deadline is within the margin."""
+        deadline = self.deadline
+        if deadline is not None and deadline - time.time() <= self.margin:
+            self.leaving.set()
+        return self.leaving.is_set()
+
+    def ran(self, seconds: float) -> None:
+        self.longest = max(self.longest, seconds)
+
+
+#: This worker process's exit, see :class:`WorkerExit`.
+EXIT = WorkerExit()
+
+
+class _Restart(Interrupted):
+    """The dispatcher refused a checkpoint from a stale execution: start again from
+    ``state``, the run's last committed checkpoint. An Interrupted, so ``execute``
+    lets it through rather than count a failed attempt."""
+
+    def __init__(self, state: str) -> None:
+        super().__init__("restarting from the last committed checkpoint")
+        self.state = state
+
 
 #: Per worker process: loaded run functions by token, sessions told to stop, the
 #: tasks of each session that have started here, and checkpoint queue handles.
@@ -663,9 +777,7 @@ _CHANNELS: dict[str, Any] = {}  # session -> Connection to the dispatcher, or Fa
 _CHANNEL_LOCK = threading.Lock()
 
 
-def _send_direct(
-    session: str, channel: tuple[str, int, str], run_key: tuple[int, int, int], text: str
-) -> str | None:
+def _send_direct(session: str, channel: tuple[str, int, str], message: list[Any]) -> str | None:
     """A checkpoint over the direct channel: the answer, or None to use the queues."""
     with _CHANNEL_LOCK:  # one connection per worker process, shared by its threads
         conn: Any = _CHANNELS.get(session)
@@ -681,7 +793,7 @@ def _send_direct(
         if conn is False:
             return None
         try:
-            conn.send_bytes(json.dumps([*run_key, text]).encode())
+            conn.send_bytes(json.dumps(message).encode())
             if not conn.poll(CHECKPOINT_ACK_TIMEOUT):
                 raise TimeoutError
             return conn.recv_bytes().decode()
@@ -745,18 +857,30 @@ def _dask_run(
     if session in _STOPPED:
         started.discard(key)
         return _SKIPPED
+    if not EXIT.may_start():
+        started.discard(key)
+        return _DECLINED
+    execution = uuid.uuid4().hex[:12]  # this execution, should Dask rerun the task
     reply: Any = None
     try:
         caller = _caller(token, payload)
         task = Task(RunKey(*run_key), "", path, iteration, params, seed, state)
 
         def checkpoint(_task: Task, text: str) -> None:
+            answer = send(text)
+            if answer.startswith(_RESTART):
+                raise _Restart(answer[len(_RESTART) :])
+            if answer != "ok":
+                raise Interrupted(f"{path} iteration {iteration}: stopped")
+            if EXIT.must_leave():  # saved: hand the run back before the job ends
+                raise Interrupted(f"{path} iteration {iteration}: the worker leaves")
+
+        def send(text: str) -> str:
             nonlocal reply
-            answer = _send_direct(session, channel, run_key, text) if channel else None
+            message = [*run_key, text, key, execution]
+            answer = _send_direct(session, channel, message) if channel else None
             if answer is not None:
-                if answer != "ok":
-                    raise Interrupted(f"{path} iteration {iteration}: stopped")
-                return
+                return answer
             client = distributed.get_client()
             if reply is None:
                 # Unique per execution: a rescheduled copy must not read stale answers.
@@ -764,16 +888,19 @@ def _dask_run(
             queue = _QUEUES.get(session)
             if queue is None:
                 queue = _QUEUES[session] = distributed.Queue(f"{session}-ckpt", client=client)
-            queue.put([reply.name, *run_key, text])
-            answer = _wait_answer(reply, key)
-            if answer != "ok":
-                raise Interrupted(f"{path} iteration {iteration}: stopped")
+            queue.put([reply.name, *message])
+            return _wait_answer(reply, key)
 
-        try:
-            out = execute(caller, task, checkpoint, retries)
-        except Interrupted:
-            return _INTERRUPTED
-        return out
+        while True:
+            try:
+                out = execute(caller, task, checkpoint, retries)
+            except _Restart as restart:
+                task.checkpoint = restart.state
+                continue
+            except Interrupted:
+                return _HANDED_BACK if EXIT.must_leave() else _INTERRUPTED
+            EXIT.ran(out.duration / out.attempts)
+            return out
     finally:
         started.discard(key)
         if reply is not None:
