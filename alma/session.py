@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .errors import AlmaError, Interrupted, StateError
@@ -240,52 +240,72 @@ class Session:
 
     def next_task(self) -> Task | None:
         """Hand out the next run owed (hot path: one lock, no I/O)."""
+        tasks = self.next_tasks(1)
+        return tasks[0] if tasks else None
+
+    def next_tasks(self, n: int) -> list[Task]:
+        """Hand out up to ``n`` runs owed, in plan order, under one lock: executors that
+        keep a few runs queued per worker take them several at a time. Empty when none
+        is owed (or a stop was asked)."""
+        tasks: list[Task] = []
         with self._lock:
             plan = self._plan
             if plan is None:
-                return None
-            ids = self._tally.ids
+                return tasks
+            ids, inflight, saving = self._tally.ids, self._inflight, self._saving
+            instances, paths, checkpoints = self.spec.instances, self.spec.paths, self._checkpoints
             for pos, it in plan:
                 key = RunKey(ids[pos], it)
-                if key in self._inflight or key in self._saving:
+                if key in inflight or key in saving:
                     continue
-                task = Task(
-                    key,
-                    self.spec.instances[pos],
-                    self.spec.paths[pos],
-                    it,
-                    self._checkpoints.get(key),
-                )
-                self._inflight[key] = task
-                return task
+                task = Task(key, instances[pos], paths[pos], it, checkpoints.get(key))
+                inflight[key] = task
+                tasks.append(task)
+                if len(tasks) == n:
+                    return tasks
             self._plan = None
-            return None
+            return tasks
 
     def report(self, task: Task, outcome: Outcome) -> None:
         """Queue a finished run for the next group commit."""
-        if outcome.status == FAILED:
-            self._hooks.error(
-                RunError(
-                    task.instance, task.iteration, outcome.error or "", outcome.traceback or ""
+        self.report_all(((task, outcome),))
+
+    def report_all(self, ended: Iterable[tuple[Task, Outcome]]) -> None:
+        """Queue finished runs (task, outcome) for the next group commit, under one
+        lock each for the session and the writer: for executors whose workers end
+        several runs between two calls."""
+        records: list[RunRecord] = []
+        now, code = time.time(), self.spec.code_hash
+        for task, outcome in ended:
+            if outcome.status == FAILED:
+                self._hooks.error(
+                    RunError(
+                        task.instance, task.iteration, outcome.error or "", outcome.traceback or ""
+                    )
+                )
+            key = task.key
+            records.append(
+                RunRecord(  # positional: keywords cost ~0.6 µs per run here
+                    key.instance,
+                    key.iteration,
+                    outcome.status,
+                    outcome.result,
+                    outcome.error,
+                    outcome.traceback,
+                    outcome.attempts,
+                    outcome.duration,
+                    now,
+                    code,
                 )
             )
-        key = task.key
-        record = RunRecord(  # positional: keywords cost ~0.6 µs per run here
-            key.instance,
-            key.iteration,
-            outcome.status,
-            outcome.result,
-            outcome.error,
-            outcome.traceback,
-            outcome.attempts,
-            outcome.duration,
-            time.time(),
-            self.spec.code_hash,
-        )
+        inflight, saving, checkpoints = self._inflight, self._saving, self._checkpoints
         with self._lock:
-            self._inflight.pop(key, None)
-            self._saving.add(key)
-        self._writer.put_run(record, key in self._checkpoints)
+            for row in records:
+                done = row[:2]  # (instance, iteration): a plain tuple finds the RunKey
+                inflight.pop(done, None)
+                saving.add(done)
+            drop = [row.key for row in records if row[:2] in checkpoints]
+        self._writer.put_runs(records, drop)
 
     def abandon(self, task: Task) -> None:
         """A run was aborted by a stop: it is owed again (its checkpoint is kept)."""
