@@ -38,7 +38,6 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Any
 
 from ..errors import ConfigError, Interrupted
@@ -74,8 +73,9 @@ class _AbortedError(Exception):
 
 
 class _Pipe:
-    """The parent's end of a child's socket, in the framing of
-    :mod:`multiprocessing.connection` (which the child uses): a length, then a pickle.
+    """One end of the socket between a driver and its child: messages framed as
+    :mod:`multiprocessing.connection` frames them (a length, then a pickle), without
+    importing it (the child starts faster).
 
     Reading takes whatever has arrived in one system call and splits it into messages,
     so a burst of short runs' outcomes costs one wake-up and one read here instead of
@@ -451,10 +451,10 @@ def _child_main() -> None:
     # Ctrl-C in a terminal reaches the whole process group; the dispatcher decides
     # what a stop means (it kills us), so a run must not die of it on its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    conn = Connection(int(sys.argv[1]))
+    conn = _Pipe(socket.socket(fileno=int(sys.argv[1])))
     _watch_parent()
     try:
-        init: _Init = conn.recv()
+        init: _Init = (conn.receive() or [None])[0]  # None only with a timeout
     except (EOFError, OSError):
         return
     try:
@@ -467,20 +467,31 @@ def _child_main() -> None:
 
     queued: deque[Task] = deque()  # runs sent ahead by the driver, in order
 
+    def receive() -> bool:
+        """Take what the driver sent: runs to queue, or the answer to a checkpoint."""
+        acked = False
+        for msg in conn.receive() or ():  # None only with a timeout
+            if msg == _ACK:
+                acked = True
+            else:
+                queued.extend(msg)
+        return acked
+
     def checkpoint(task: Task, text: str) -> None:
         # The parent answers once the checkpoint is committed; on a stop it kills this
         # process instead, so there is nothing else to answer. Runs it sent ahead
         # meanwhile wait their turn.
         conn.send(_Checkpoint(text))
-        while (msg := conn.recv()) != _ACK:
-            queued.extend(msg)
+        while not receive():
+            pass
 
     while True:
         if not queued:
             try:
-                queued.extend(conn.recv())
+                receive()
             except (EOFError, OSError):
                 return
+            continue
         conn.send(execute(caller, queued.popleft(), checkpoint, 0))
 
 
