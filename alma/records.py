@@ -60,6 +60,9 @@ class Outcome:
     attempts: int
     #: Seconds from the first attempt's start to the end of the last one.
     duration: float
+    #: Unix time it ended, when the executor knows it better than the time it reports
+    #: it (a worker reporting several runs at once); else the report's time is used.
+    ended_at: float | None = None
 
 
 class RunRecord(NamedTuple):

@@ -294,7 +294,7 @@ class Session:
                     outcome.traceback,
                     outcome.attempts,
                     outcome.duration,
-                    now,
+                    outcome.ended_at or now,
                     code,
                 )
             )

@@ -492,7 +492,9 @@ def _child_main() -> None:
             except (EOFError, OSError):
                 return
             continue
-        conn.send(execute(caller, queued.popleft(), checkpoint, 0))
+        outcome = execute(caller, queued.popleft(), checkpoint, 0)
+        outcome.ended_at = time.time()  # this machine's clock; reported a little later
+        conn.send(outcome)
 
 
 # -- the messages between the driver and its child -------------------------------------
