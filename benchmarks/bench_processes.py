@@ -1,6 +1,6 @@
 """alma's processes executor against the process pools people use instead, on tiny runs.
 
-Run it with ``python benchmarks/bench_processes.py`` (about two minutes on 2 cores) or
+Run it with ``python benchmarks/bench_processes.py`` (about three minutes on 2 cores) or
 add ``--quick`` for a smaller version. For runs of 0, 0.1, 1 and 10 ms (a busy loop:
 CPU-bound, like pure Python), 2 workers each:
 
@@ -39,7 +39,7 @@ WORKERS = 2
 CONTENDERS = ["alma", "loky", "ppe1", "ppe_auto"]
 LABELS = {"alma": "alma", "loky": "loky", "ppe1": "PPE 1", "ppe_auto": "PPE auto"}
 #: Run lengths (ms) and how many runs each, full and --quick.
-SIZES = {0.0: 20_000, 0.1: 10_000, 1.0: 2_000, 10.0: 300}
+SIZES = {0.0: 20_000, 0.1: 10_000, 1.0: 4_000, 10.0: 600}
 QUICK = {0.0: 4_000, 0.1: 2_000, 1.0: 400, 10.0: 60}
 
 WORK_MODULE = '''
@@ -193,6 +193,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'run':>7} {'runs':>7}{header}   (runs/s, peak MB)")
     ratios: dict[float, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="alma-bench-proc-") as tmp:
+        # Fixed costs first: 10 no-op runs measure starting the workers (and for alma,
+        # creating the state file), which longer experiments pay once.
+        folder = Path(tmp) / "startup"
+        folder.mkdir()
+        (folder / "work.py").write_text(WORK_MODULE.format(seconds=0.0))
+        for i in range(10):
+            (folder / f"f{i}.txt").write_text(f"{i}\n")
+        startup = {
+            c: statistics.median(in_subprocess(c, folder, 10)["seconds"] for _ in range(rounds))
+            for c in CONTENDERS
+        }
+        cells = "".join(f"{startup[c]:>18.3f} s" for c in CONTENDERS)
+        print(f"{'start-up':>7} {10:>7}{cells}   (seconds for 10 no-op runs)", flush=True)
         for ms, runs in sizes.items():
             folder = Path(tmp) / f"ms{ms:g}"
             folder.mkdir()
