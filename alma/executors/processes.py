@@ -1,10 +1,11 @@
 """Run in worker processes: real parallelism for CPU-bound Python, and runs that can be killed.
 
 Design: one driver thread per worker slot in the dispatcher's process, each owning one
-long-lived child process and a socket pair to it. The driver loops: pull a task, send it
-to its child, relay the child's checkpoints to the dispatcher (acknowledging each only
-once it is committed, so ``save_callback`` stays durable), receive the outcome, report
-it. No process is started per run, so dispatch costs one small message each way.
+long-lived child process and a socket pair to it. The driver keeps its child a small
+window of runs ahead (:class:`_Slot`: sized from the runs' durations, so short runs
+never wait for a round trip), relays the child's checkpoints to the dispatcher
+(acknowledging each only once it is committed, so ``save_callback`` stays durable),
+and reports each outcome as it comes back. No process is started per run.
 
 Why a plain ``python -c`` child instead of :mod:`multiprocessing`: ``spawn`` and
 ``forkserver`` re-import the user's ``__main__`` in every child, which re-runs an
