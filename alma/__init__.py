@@ -8,10 +8,39 @@
 
 from __future__ import annotations
 
-from .dispatcher import Dispatcher, Progress
+import importlib as _importlib
+import typing as _typing
+
 from .errors import AlmaError, ConfigError, Interrupted, LockedError, Paused, StateError
-from .experiment import Experiment, load
 from .records import RunError, run_seed
+
+if _typing.TYPE_CHECKING:
+    from .dispatcher import Dispatcher, Progress
+    from .experiment import Experiment, load
+
+#: Loaded on first use (PEP 562): a worker process imports ``alma.executors.processes``
+#: and ``alma.records``, which must not drag in the dispatcher, SQLite and the spec
+#: (about 100 ms of every worker's start-up).
+_LAZY = {
+    "Dispatcher": "dispatcher",
+    "Progress": "dispatcher",
+    "Experiment": "experiment",
+    "load": "experiment",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'alma' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

@@ -132,6 +132,9 @@ class Outcome:
     #: preemption, a worker that died) and resumed from its last checkpoint, in this
     #: session; never counted as failed attempts.
     interruptions: int = 0
+    #: Unix time it ended, when the executor knows it better than the time it reports
+    #: it (a worker reporting several runs at once); else the report's time is used.
+    ended_at: float | None = None
 
 
 class RunRecord(NamedTuple):

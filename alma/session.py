@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .control import StopWatcher
@@ -272,14 +272,23 @@ class Session:
 
     def next_task(self) -> Task | None:
         """Hand out the next run owed (hot path: one lock, no I/O)."""
+        tasks = self.next_tasks(1)
+        return tasks[0] if tasks else None
+
+    def next_tasks(self, n: int) -> list[Task]:
+        """Hand out up to ``n`` runs owed, in plan order, under one lock: executors that
+        keep a few runs queued per worker take them several at a time. Empty when none
+        is owed (or a stop was asked)."""
+        tasks: list[Task] = []
         with self._lock:
             plan = self._plan
             if plan is None:
-                return None
-            ids, spec = self._tally.ids, self.spec
+                return tasks
+            ids, inflight, saving = self._tally.ids, self._inflight, self._saving
+            spec, checkpoints, now = self.spec, self._checkpoints, time.time()
             for pos, it in plan:
                 key = RunKey(*ids[pos], it)
-                if key in self._inflight or key in self._saving:
+                if key in inflight or key in saving:
                     continue
                 inst, config = spec.cell(pos)
                 name = spec.instances[inst]
@@ -290,45 +299,62 @@ class Session:
                     it,
                     config.params,
                     seed_of(name, it, config.key, spec.seed),
-                    self._checkpoints.get(key),
-                    time.time(),
+                    checkpoints.get(key),
+                    now,
                 )
-                self._inflight[key] = task
-                return task
+                inflight[key] = task
+                tasks.append(task)
+                if len(tasks) == n:
+                    return tasks
             self._plan = None
-            return None
+            return tasks
 
     def report(self, task: Task, outcome: Outcome) -> None:
         """Queue a finished run for the next group commit."""
-        if outcome.status == FAILED:
-            self._hooks.error(
-                RunError(
-                    task.instance, task.iteration, outcome.error or "", outcome.traceback or ""
+        self.report_all(((task, outcome),))
+
+    def report_all(self, ended: Iterable[tuple[Task, Outcome]]) -> None:
+        """Queue finished runs (task, outcome) for the next group commit, under one
+        lock each for the session and the writer: for executors whose workers end
+        several runs between two calls."""
+        ended = list(ended)
+        for task, outcome in ended:
+            if outcome.status == FAILED:
+                self._hooks.error(
+                    RunError(
+                        task.instance, task.iteration, outcome.error or "", outcome.traceback or ""
+                    )
                 )
-            )
-        key = task.key
+        inflight, saving, checkpoints = self._inflight, self._saving, self._checkpoints
+        interrupted = self._interrupted
         with self._lock:
-            self._inflight.pop(key, None)
-            self._saving.add(key)
-            interruptions = self._interrupted.pop(key, 0) if self._interrupted else 0
-        # ... and those the executor saw and recovered from itself (a worker that left)
-        interruptions += outcome.interruptions
-        record = RunRecord(  # positional: keywords cost ~0.6 µs per run here
-            key.instance,
-            key.config,
-            key.iteration,
-            outcome.status,
-            outcome.result,
-            outcome.error,
-            outcome.traceback,
-            outcome.attempts,
-            outcome.duration,
-            time.time(),
-            self.spec.code_hash,
-            task.seed,
-            interruptions,
-        )
-        self._writer.put_run(record, key in self._checkpoints)
+            for task, _ in ended:
+                inflight.pop(task.key, None)
+                saving.add(task.key)
+            # Stops this session saw (interrupted) and what the executor recovered
+            # from itself (a worker that left: outcome.interruptions).
+            counts = [interrupted.pop(t.key, 0) for t, _ in ended] if interrupted else None
+            drop = [t.key for t, _ in ended if t.key in checkpoints]
+        now, code = time.time(), self.spec.code_hash
+        records = [
+            RunRecord(  # positional: keywords cost ~0.6 µs per run here
+                task.key.instance,
+                task.key.config,
+                task.key.iteration,
+                outcome.status,
+                outcome.result,
+                outcome.error,
+                outcome.traceback,
+                outcome.attempts,
+                outcome.duration,
+                outcome.ended_at or now,
+                code,
+                task.seed,
+                outcome.interruptions + (counts[i] if counts else 0),
+            )
+            for i, (task, outcome) in enumerate(ended)
+        ]
+        self._writer.put_runs(records, drop)
 
     def abandon(self, task: Task) -> None:
         """A run was aborted by a stop: it is owed again (its checkpoint is kept)."""

@@ -99,8 +99,21 @@ def _plain(obj: Any, depth: int = 0) -> bool:
     return True
 
 
+#: Results that are one plain value (no run's result at all, most often) skip
+#: ``json.dumps`` and its encoder set-up: the same text, a few µs less per run.
+_SCALARS: dict[type, Any] = {
+    type(None): lambda _: "null",
+    bool: lambda b: "true" if b else "false",
+    int: int.__repr__,
+    str: json.encoder.encode_basestring_ascii,  # what json.dumps uses (ensure_ascii)
+}
+
+
 def to_json(obj: Any, what: str = "result") -> str:
     """Encode a result or checkpoint; TypeError names where the unstorable value sits."""
+    scalar = _SCALARS.get(type(obj))
+    if scalar is not None:
+        return scalar(obj)  # type: ignore[no-any-return]
     try:
         if not _plain(obj):
             obj = _normalised(obj, what, 0)

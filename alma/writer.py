@@ -57,19 +57,19 @@ class Writer:
         self._thread = threading.Thread(target=self._loop, name="alma-writer", daemon=True)
         self._thread.start()
 
-    def put_run(self, row: RunRecord, drop_checkpoint: bool) -> None:
-        """Queue a finished run for the next group commit (``drop_checkpoint``: it had one,
-        which goes in the same transaction)."""
+    def put_runs(self, rows: list[RunRecord], drop: list[RunKey]) -> None:
+        """Queue finished runs for the next group commit; ``drop``: the keys of those that
+        had a checkpoint, deleted in the same transaction."""
         with self._cond:
             # Back-pressure: runs finishing faster than SQLite commits them wait here
             # rather than piling up in memory.
             while len(self._runs) >= MAX_QUEUED_RUNS and self._thread.is_alive():
                 self._cond.wait(0.1)
-            self._runs.append(row)
-            if drop_checkpoint:
-                self._drop.append(row.key)
+            was_empty = not self._runs
+            self._runs.extend(rows)
+            self._drop.extend(drop)
             self._queued += 1
-            if len(self._runs) == 1:
+            if was_empty:
                 self._cond.notify()
 
     def put_checkpoint(self, ckpt: CheckpointRecord) -> None:

@@ -358,7 +358,8 @@ def test_plan_is_not_materialised(tmp_path: Path, dispatchers) -> None:
     db.close()
     assert counts["runs"] == done
     assert max(counts.values()) <= max(done, 1000)  # nothing per pending run
-    assert os.path.getsize(d.state_path) < 2_000_000
+    # About 80 bytes per finished run; a row per planned run would be 10 MB or more.
+    assert os.path.getsize(d.state_path) < 1_000_000 + 100 * done
 
 
 @pytest.mark.slow

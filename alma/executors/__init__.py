@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import importlib.metadata
 from typing import Any
 
 from ..errors import ConfigError
@@ -53,6 +52,8 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
+    import importlib.metadata  # only when a name is not built in: it is slow to import
+
     for ep in importlib.metadata.entry_points(group=ENTRY_POINTS):
         _REGISTRY.setdefault(ep.name, ep.value)
 

@@ -15,7 +15,7 @@ import threading
 import time
 import traceback
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -40,8 +40,15 @@ class RunSource(Protocol):
     def next_task(self) -> Task | None:
         """The next run owed, or None when there is none (or a stop was asked)."""
 
+    def next_tasks(self, n: int) -> list[Task]:
+        """Up to ``n`` runs owed at once (empty when there is none): for executors that
+        keep a few runs queued per worker."""
+
     def report(self, task: Task, outcome: Outcome) -> None:
         """A run finished (done or failed); the session stores it."""
+
+    def report_all(self, ended: Iterable[tuple[Task, Outcome]]) -> None:
+        """Several runs finished: the same as ``report`` for each, in one call."""
 
     def abandon(self, task: Task) -> None:
         """A run was aborted (stop); it is owed again."""

@@ -379,20 +379,32 @@ class _Window:
         )
         self.meta: dict[str, tuple[Task, int]] = {}  # dask key -> (task, resubmits)
         self.seq = itertools.count()
+        self.done: list[tuple[Task, Outcome]] = []  # collected, to report
 
     def run(self) -> None:
         """Until nothing is owed or in flight: collect what completed, refill."""
         self.refill()
         while not self.ac.is_empty():
-            for fut, res in self.ac.next_batch(block=True):
-                task, resubmits = self.meta.pop(fut.key)
-                with self.ex._lock:
+            batch = self.ac.next_batch(block=True)
+            with self.ex._lock:
+                for fut, _ in batch:
                     self.ex._futures.pop(fut.key, None)
-                self.collect(task, fut, res, resubmits)
-                fut.release()  # now: a worker that leaves must not be asked to keep it
-                if fut.status == "finished" and isinstance(res, Outcome):
-                    self.resize(res.duration / res.attempts)
+            try:
+                for fut, res in batch:
+                    task, resubmits = self.meta.pop(fut.key)
+                    self.collect(task, fut, res, resubmits)
+                    fut.release()  # now: a worker that leaves must not be asked to keep it
+                    if fut.status == "finished" and isinstance(res, Outcome):
+                        self.resize(res.duration / res.attempts)
+            finally:
+                self.flush()
             self.refill()
+
+    def flush(self) -> None:
+        """Report the runs collected from one batch of completed futures, in one call."""
+        if self.done:
+            done, self.done = self.done, []
+            self.source.report_all(done)
 
     def resize(self, seconds: float) -> None:
         """Keep REFILL_LATENCY seconds of work queued per worker (within bounds)."""
@@ -402,14 +414,11 @@ class _Window:
         self.size = per_worker * self.ex.workers
 
     def refill(self) -> None:
-        batch: list[tuple[Task, int]] = []
-        while len(self.meta) + len(batch) < self.size and not self.ex._stopping:
-            task = self.source.next_task()
-            if task is None:
-                break
-            batch.append((task, 0))
-        if batch:
-            self.submit(batch)
+        free = self.size - len(self.meta)
+        if free > 0 and not self.ex._stopping:
+            tasks = self.source.next_tasks(free)
+            if tasks:
+                self.submit([(task, 0) for task in tasks])
 
     def submit(self, tasks: list[tuple[Task, int]]) -> None:
         """Submit (task, resubmits) pairs in one client.map: one graph update, not one
@@ -451,7 +460,7 @@ class _Window:
         if status == "finished":
             if isinstance(res, Outcome):
                 res.interruptions = self.untrack(task)
-                self.source.report(task, res)
+                self.done.append((task, res))
                 return
             if res in (_HANDED_BACK, _DECLINED) and not stopping:  # its worker leaves
                 if res == _HANDED_BACK:

@@ -1,10 +1,11 @@
 """Run in worker processes: real parallelism for CPU-bound Python, and runs that can be killed.
 
 Design: one driver thread per worker slot in the dispatcher's process, each owning one
-long-lived child process and a socket pair to it. The driver loops: pull a task, send it
-to its child, relay the child's checkpoints to the dispatcher (acknowledging each only
-once it is committed, so ``save_callback`` stays durable), receive the outcome, report
-it. No process is started per run, so dispatch costs one small message each way.
+long-lived child process and a socket pair to it. The driver keeps its child a small
+window of runs ahead (:class:`_Slot`: sized from the runs' durations, so short runs
+never wait for a round trip), relays the child's checkpoints to the dispatcher
+(acknowledging each only once it is committed, so ``save_callback`` stays durable),
+and reports each outcome as it comes back. No process is started per run.
 
 Why a plain ``python -c`` child instead of :mod:`multiprocessing`: ``spawn`` and
 ``forkserver`` re-import the user's ``__main__`` in every child, which re-runs an
@@ -23,16 +24,21 @@ fresh child and goes on.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 import os
+import pickle
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, replace
-from multiprocessing.connection import Connection
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, Interrupted
@@ -67,10 +73,72 @@ class _AbortedError(Exception):
     """The run was aborted by a stop: it is owed again, not failed."""
 
 
+class _Pipe:
+    """One end of the socket between a driver and its child: messages framed as
+    :mod:`multiprocessing.connection` frames them (a length, then a pickle), without
+    importing it (the child starts faster).
+
+    Reading takes whatever has arrived in one system call and splits it into messages,
+    so a burst of short runs' outcomes costs one wake-up and one read here instead of
+    two reads each: the parent serves every worker, and its time per run is what
+    limits throughput on tiny runs.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = bytearray()
+
+    def send(self, obj: Any) -> None:
+        data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        n = len(data)
+        head = struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)
+        self.sock.sendall(head + data)
+
+    def receive(self, timeout: float | None = None) -> list[Any] | None:
+        """The messages that have arrived, waiting up to ``timeout`` seconds (None: as
+        long as it takes) for the first; None when none came in time. Raises EOFError
+        once the child has closed its end (it died, or was killed)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not (messages := self._split()):
+            if deadline is not None:
+                ready, _, _ = select.select(
+                    [self.sock], [], [], max(deadline - time.monotonic(), 0)
+                )
+                if not ready:
+                    return None
+            data = self.sock.recv(1 << 16)
+            if not data:
+                raise EOFError
+            self._buf += data
+        return messages
+
+    def _split(self) -> list[Any]:
+        buf, pos, messages = self._buf, 0, []
+        while len(buf) - pos >= 4:
+            (size,) = struct.unpack_from("!i", buf, pos)
+            head = 4
+            if size == -1:
+                if len(buf) - pos < 12:
+                    break
+                (size,) = struct.unpack_from("!Q", buf, pos + 4)
+                head = 12
+            end = pos + head + size
+            if len(buf) < end:
+                break
+            messages.append(pickle.loads(buf[pos + head : end]))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return messages
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class _Child:
     """One worker process and the parent's end of its socket."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], conn: Connection) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], conn: _Pipe) -> None:
         self.proc = proc
         self.conn = conn
 
@@ -118,28 +186,7 @@ class ProcessExecutor(Executor):
             )
         # Pickling problems surface here, in start(), before any run is handed out.
         self._shipped = ship(self.run, "processes", "a worker process", remote=False)
-
-        def drive() -> None:
-            child: _Child | None = None
-            try:
-                while (task := source.next_task()) is not None:
-                    try:
-                        outcome, child = self._run_task(source, task, child)
-                    except _AbortedError:
-                        child = None
-                        source.abandon(task)
-                    except BaseException:  # a bug here must not leave the run in flight
-                        child = None
-                        source.abandon(task)
-                        raise
-                    else:
-                        source.report(task, outcome)
-            finally:
-                if child is not None:
-                    self._forget(child)
-                    child.reap()
-
-        self.start_threads(source, drive, "alma-process-driver")
+        self.start_threads(source, lambda: _Slot(self, source).drive(), "alma-process-driver")
 
     def stop(self) -> None:
         """Kill every worker process now; their drivers abandon the runs (owed again)."""
@@ -148,72 +195,6 @@ class ProcessExecutor(Executor):
             children = list(self._children)
         for child in children:
             child.kill()
-
-    # -- one run -----------------------------------------------------------------------
-
-    def _run_task(
-        self, source: RunSource, task: Task, child: _Child | None
-    ) -> tuple[Outcome, _Child | None]:
-        """Run ``task`` with retries; returns its outcome and the child to reuse (if any).
-
-        Retries live here, not in the child, so a timeout or a dead child counts as one
-        failed attempt like an exception does, and each attempt gets the full timeout.
-        """
-        start = time.perf_counter()
-        attempt = 0
-        while True:
-            attempt += 1
-            ended: Outcome | _Failure
-            spawned = child if child is not None else self._spawn()
-            if isinstance(spawned, _Child):
-                child = spawned
-                ended = self._attempt(source, task, child)
-                if isinstance(ended, _Failure):  # dead or stuck: the next attempt gets a new one
-                    self._forget(child)
-                    child.reap()
-                    child = None
-            else:
-                ended = spawned
-            if (isinstance(ended, Outcome) and ended.status == DONE) or attempt > self.retries:
-                break
-        if isinstance(ended, _Failure):
-            ended = Outcome(FAILED, None, ended.error, ended.traceback, attempt, 0.0)
-        return replace(ended, attempts=attempt, duration=time.perf_counter() - start), child
-
-    def _attempt(self, source: RunSource, task: Task, child: _Child) -> Outcome | _Failure:
-        """One attempt in ``child``: the child's outcome, or why the child failed."""
-        conn = child.conn
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        with contextlib.suppress(OSError):  # the child is gone: the recv below says how
-            conn.send(task)
-        while True:
-            try:
-                if deadline is not None and not conn.poll(max(deadline - time.monotonic(), 0.0)):
-                    if self._stopped:
-                        raise _AbortedError
-                    return _Failure(
-                        f"TimeoutError: timeout after {self.timeout:g} s; the worker "
-                        f"process (pid {child.proc.pid}) was ended"
-                    )
-                msg = conn.recv()
-            except (EOFError, OSError):
-                self._forget(child)
-                code = child.reap()
-                if self._stopped:
-                    raise _AbortedError from None
-                return _Failure(describe_exit(code, child.proc.pid))
-            if isinstance(msg, Outcome):
-                return msg
-            assert isinstance(msg, _Checkpoint), msg
-            task.checkpoint = msg.state
-            try:
-                source.checkpoint(task, msg.state)  # returns once committed
-            except Interrupted:
-                self._forget(child)
-                child.reap()
-                raise _AbortedError from None
-            with contextlib.suppress(OSError):
-                conn.send(_ACK)
 
     def _spawn(self) -> _Child | _Failure:
         """Start a worker process and load the run function in it; or say why that
@@ -236,13 +217,14 @@ class ProcessExecutor(Executor):
                 )
             finally:
                 child_sock.close()
-            child = _Child(proc, Connection(parent_sock.detach()))
+            child = _Child(proc, _Pipe(parent_sock))
             self._children.add(child)
         try:
             child.conn.send(_Init(list(sys.path), self._shipped))
-            if not child.conn.poll(STARTUP_TIMEOUT):
+            answer = child.conn.receive(STARTUP_TIMEOUT)
+            if answer is None:
                 raise TimeoutError(f"no answer within {STARTUP_TIMEOUT:g} s")
-            msg = child.conn.recv()
+            (msg,) = answer
         except (EOFError, OSError, TimeoutError) as exc:
             self._forget(child)
             code = child.reap()
@@ -261,6 +243,190 @@ class ProcessExecutor(Executor):
     def _forget(self, child: _Child) -> None:
         with self._lock:
             self._children.discard(child)
+
+
+#: Seconds of queued work a worker process holds beyond the run it executes: enough
+#: to cover the round trip to its driver (an outcome back, the next runs out), so the
+#: child never waits for work. Each window is sized from the runs' measured duration.
+PREFETCH_SECONDS = 0.004
+#: Most runs a worker process holds at a time (its window): bounds what a stop or a
+#: crash hands back, and what ``progress.running`` shows for very short runs.
+MAX_WINDOW = 64
+#: Runs longer than this (moving average) get no prefetch: a run queued behind a long
+#: one could wait while another worker idles at the end of the plan, which costs more
+#: than the round trip it saves.
+LONG_RUN = 0.05
+
+
+@dataclass(slots=True)
+class _Entry:
+    """A run in a worker's window, with the attempts it has made so far."""
+
+    task: Task
+    #: The attempt under way or queued (1 = the first).
+    attempt: int = 1
+    #: Seconds spent in the attempts that have ended.
+    spent: float = 0.0
+
+
+class _Slot:
+    """One worker slot: a driver thread here, one child process, and a window of runs.
+
+    The driver sends the child a few runs ahead (``window``, in the order the child
+    runs them), so a short run never waits for a round trip to the driver. The child
+    runs them one by one and answers each with its outcome; so the window's head is the
+    run executing now, and it started when the previous outcome arrived. Everything
+    per-run keys on the head: its ``timeout``, its checkpoints, and a crash, which
+    fails the head alone while the rest of the window goes to a fresh child.
+    """
+
+    def __init__(self, executor: ProcessExecutor, source: RunSource) -> None:
+        self.ex = executor
+        self.source = source
+        self.child: _Child | None = None
+        self.window: deque[_Entry] = deque()  # sent to the child (or to be), in order
+        self.sent = 0  # entries of the window the current child has been sent
+        self.head_since = 0.0  # when the head started, as seen from here
+        self.mean: float | None = None  # moving average of run durations
+        self.dry = False  # the session had no more runs: none will come
+        self.ended: list[tuple[Task, Outcome]] = []  # runs ended, to report
+
+    def drive(self) -> None:
+        """Until nothing is owed or in flight: top up the window, handle one message."""
+        try:
+            while True:
+                self.fill()
+                if not self.window:
+                    return
+                self.step()
+        except _AbortedError:
+            pass
+        finally:
+            for entry in self.window:  # a stop, or a bug: none stays in flight
+                self.source.abandon(entry.task)
+            self.window.clear()
+            if self.child is not None:
+                self.ex._forget(self.child)
+                self.child.reap()
+
+    def target(self) -> int:
+        """How many runs the child should hold, from how long runs take."""
+        if self.mean is None or self.mean >= LONG_RUN:
+            return 1
+        return min(1 + math.ceil(PREFETCH_SECONDS / max(self.mean, 1e-6)), MAX_WINDOW)
+
+    def fill(self) -> None:
+        """Take runs from the session up to the window's size (once it is half empty,
+        so that runs go out to the child several per message)."""
+        target = self.target()
+        if self.dry or len(self.window) > target // 2:
+            return
+        tasks = self.source.next_tasks(target - len(self.window))
+        self.dry = len(tasks) < target - len(self.window)
+        self.window.extend(map(_Entry, tasks))
+
+    def step(self) -> None:
+        """Make sure a child holds the window, then handle what it says next."""
+        if self.child is None:
+            spawned = self.ex._spawn()
+            if isinstance(spawned, _Failure):
+                self.attempt_ended(spawned, 0.0)
+                self.flush()
+                return
+            self.child, self.sent = spawned, 0
+        if self.sent < len(self.window):
+            if self.sent == 0:
+                self.head_since = time.monotonic()
+            batch = [e.task for e in itertools.islice(self.window, self.sent, None)]
+            self.sent = len(self.window)
+            with contextlib.suppress(OSError):  # the child is gone: the receive says how
+                self.child.conn.send(batch)
+        try:
+            self.receive(self.child)
+        finally:
+            self.flush()
+
+    def flush(self) -> None:
+        """Report the runs that ended, in one call to the session."""
+        if self.ended:
+            ended, self.ended = self.ended, []
+            self.source.report_all(ended)
+
+    def receive(self, child: _Child) -> None:
+        """The child's next messages: the head's outcome or checkpoint (then the next
+        run's, and so on), or why the child ended (a crash, the timeout, a stop)."""
+        timeout = self.ex.timeout
+        try:
+            left = None if timeout is None else self.head_since + timeout - time.monotonic()
+            messages = child.conn.receive(None if left is None else max(left, 0.0))
+        except (EOFError, OSError):
+            code = self.lose_child()
+            self.attempt_ended(
+                _Failure(describe_exit(code, child.proc.pid)), time.monotonic() - self.head_since
+            )
+            return
+        if messages is None:
+            self.lose_child()
+            self.attempt_ended(
+                _Failure(
+                    f"TimeoutError: timeout after {timeout:g} s; the worker "
+                    f"process (pid {child.proc.pid}) was ended"
+                ),
+                time.monotonic() - self.head_since,
+            )
+            return
+        for msg in messages:
+            if type(msg) is Outcome:
+                self.head_since = time.monotonic()  # the child has begun the next one
+                d = msg.duration
+                self.mean = d if self.mean is None else 0.8 * self.mean + 0.2 * d
+                self.attempt_ended(msg, d)
+                continue
+            assert isinstance(msg, _Checkpoint), msg
+            self.flush()  # the runs that ended before need not wait for this commit
+            task = self.window[0].task
+            task.checkpoint = msg.state
+            try:
+                self.source.checkpoint(task, msg.state)  # returns once committed
+            except Interrupted:
+                self.lose_child()
+                raise _AbortedError from None
+            with contextlib.suppress(OSError):
+                child.conn.send(_ACK)
+
+    def lose_child(self) -> int | None:
+        """End the child (dead, stuck or stopped); the window goes to the next one.
+        Raises _AbortedError when it ended because of a stop."""
+        child, self.child, self.sent = self.child, None, 0
+        assert child is not None
+        self.ex._forget(child)
+        code = child.reap()
+        if self.ex._stopped:
+            raise _AbortedError
+        return code
+
+    def attempt_ended(self, ended: Outcome | _Failure, seconds: float) -> None:
+        """The head's attempt ended: report the run, or queue its next attempt.
+
+        Retries live here, not in the child, so a timeout or a dead child counts as one
+        failed attempt like an exception does, and each attempt gets the full timeout.
+        """
+        entry = self.window[0]
+        entry.spent += seconds
+        done = isinstance(ended, Outcome) and ended.status == DONE
+        if not done and entry.attempt <= self.ex.retries:
+            entry.attempt += 1
+            if self.child is not None:  # it goes on with the window: retry at its end
+                self.window.rotate(-1)
+                self.sent -= 1
+            return  # else the head is the first run the next child gets
+        self.window.popleft()
+        if self.child is not None:
+            self.sent -= 1
+        if isinstance(ended, _Failure):
+            ended = Outcome(FAILED, None, ended.error, ended.traceback, entry.attempt, 0.0)
+        ended.attempts, ended.duration = entry.attempt, entry.spent
+        self.ended.append((entry.task, ended))
 
 
 # -- the worker process --------------------------------------------------------------
@@ -286,10 +452,10 @@ def _child_main() -> None:
     # Ctrl-C in a terminal reaches the whole process group; the dispatcher decides
     # what a stop means (it kills us), so a run must not die of it on its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    conn = Connection(int(sys.argv[1]))
+    conn = _Pipe(socket.socket(fileno=int(sys.argv[1])))
     _watch_parent()
     try:
-        init: _Init = conn.recv()
+        init: _Init = (conn.receive() or [None])[0]  # None only with a timeout
     except (EOFError, OSError):
         return
     try:
@@ -300,18 +466,36 @@ def _child_main() -> None:
         return
     conn.send(_READY)
 
+    queued: deque[Task] = deque()  # runs sent ahead by the driver, in order
+
+    def receive() -> bool:
+        """Take what the driver sent: runs to queue, or the answer to a checkpoint."""
+        acked = False
+        for msg in conn.receive() or ():  # None only with a timeout
+            if msg == _ACK:
+                acked = True
+            else:
+                queued.extend(msg)
+        return acked
+
     def checkpoint(task: Task, text: str) -> None:
         # The parent answers once the checkpoint is committed; on a stop it kills this
-        # process instead, so there is nothing else to answer.
+        # process instead, so there is nothing else to answer. Runs it sent ahead
+        # meanwhile wait their turn.
         conn.send(_Checkpoint(text))
-        conn.recv()
+        while not receive():
+            pass
 
     while True:
-        try:
-            task = conn.recv()
-        except (EOFError, OSError):
-            return
-        conn.send(execute(caller, task, checkpoint, 0))
+        if not queued:
+            try:
+                receive()
+            except (EOFError, OSError):
+                return
+            continue
+        outcome = execute(caller, queued.popleft(), checkpoint, 0)
+        outcome.ended_at = time.time()  # this machine's clock; reported a little later
+        conn.send(outcome)
 
 
 # -- the messages between the driver and its child -------------------------------------

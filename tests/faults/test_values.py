@@ -4,6 +4,7 @@ with the path of the bad value; a row damaged in the state file is shown as such
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from helpers import ExperimentFactory, alma_cli
 
 import alma
 import alma.experiment
+from alma.values import to_json
 
 
 def _run_one(tmp_path: Path, result: Any) -> Any:
@@ -37,6 +39,16 @@ def test_numpy_and_tuple_dict_keys_become_text_as_documented(tmp_path: Path) -> 
     )
     assert row["status"] == "done", row["error"]
     assert row["scores"] == {"3": 1, "0.5": 2, "true": 3, '[1,"a"]': 4, "null": 5}
+
+
+@pytest.mark.parametrize(
+    "value", [None, True, False, 0, -7, 10**40, "", 'a "quoted"\nline', "héllo ☃ 😀", 2.5]
+)
+def test_a_plain_value_is_stored_as_json_writes_it_and_reads_back_equal(value: Any) -> None:
+    """Plain results take a short cut past json.dumps: the text must be the same."""
+    text = to_json(value)
+    assert text == json.dumps(value, separators=(",", ":"))
+    assert json.loads(text) == value and type(json.loads(text)) is type(value)
 
 
 def test_keys_that_collide_after_conversion_fail_the_run_naming_both(tmp_path: Path) -> None:

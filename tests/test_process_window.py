@@ -1,0 +1,140 @@
+"""The processes executor's window: each worker process holds a few runs ahead when
+runs are short, and every per-run promise still holds for the runs in that window.
+
+A run that crashes its worker fails alone (the runs queued behind it in the dead
+process run in a fresh one, once each); a run over ``timeout`` fails alone (the clock of
+a queued run starts when it starts, not when it was sent); ``stop()`` with a full window
+ends at once and leaves every unfinished run owed, none failed. Every run module logs
+each attempt, so a run executed twice or never would show.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import ExperimentFactory, wait_until
+
+import alma.experiment
+from alma.executors import processes
+
+#: Each attempt appends "iteration pid" to attempts.log next to the data files.
+LOGGING_RUN = """
+import os
+import pathlib
+import signal
+import time
+
+def run(instance, save_callback, state, iteration):
+    data = pathlib.Path(instance).parent
+    with open(data / "attempts.log", "a") as f:  # one short write: lines do not mix
+        f.write(f"{{iteration}} {{os.getpid()}}\\n")
+    {body}
+    return iteration
+"""
+
+
+@pytest.fixture
+def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the batches of runs the drivers send their worker processes: proof that
+    a test's runs went out several at a time, so the window is what is under test."""
+    sizes: list[int] = []
+    send = processes._Pipe.send
+
+    def spy(self: processes._Pipe, obj: Any) -> None:
+        if isinstance(obj, list):
+            sizes.append(len(obj))
+        send(self, obj)
+
+    monkeypatch.setattr(processes._Pipe, "send", spy)
+    return sizes
+
+
+def _attempts(data: Path) -> Counter[int]:
+    lines = (data / "attempts.log").read_text().split()
+    return Counter(int(it) for it in lines[::2])
+
+
+def _load(exp: Path, dispatchers: list[Any]) -> Any:
+    d = alma.experiment.load(exp)
+    dispatchers.append(d)
+    return d
+
+
+def test_a_crash_in_a_window_fails_only_the_run_that_crashed(
+    make_experiment: ExperimentFactory, dispatchers: list[Any], batches: list[int]
+) -> None:
+    body = "if iteration == 150:\n        os._exit(3)"
+    exp = make_experiment(
+        LOGGING_RUN.format(body=body), instances=1, iterations=400, executor="processes"
+    )
+    d = _load(exp, dispatchers)
+    d.start()
+    assert d.join(timeout=60) is True
+    assert max(batches) > 1, batches  # runs were queued behind the one that crashed
+    r = d.results.set_index("iteration")
+    assert r.loc[150, "status"] == "failed" and "exit code 3" in r.loc[150, "error"]
+    rest = r.drop(index=150)
+    assert len(rest) == 399 and (rest["status"] == "done").all()
+    assert (r["attempts"] == 1).all()
+    assert set(_attempts(exp.parent / "data").values()) == {1}  # each run executed once
+
+
+def test_a_timeout_in_a_window_fails_only_the_run_over_time(
+    make_experiment: ExperimentFactory, dispatchers: list[Any], batches: list[int]
+) -> None:
+    body = "if iteration == 150:\n        time.sleep(60)"
+    exp = make_experiment(
+        LOGGING_RUN.format(body=body),
+        instances=1,
+        iterations=400,
+        executor="processes",
+        timeout=0.5,
+        retries=1,
+    )
+    d = _load(exp, dispatchers)
+    t0 = time.monotonic()
+    d.start()
+    assert d.join(timeout=60) is True
+    assert time.monotonic() - t0 < 30
+    assert max(batches) > 1, batches
+    r = d.results.set_index("iteration")
+    slow = r.loc[150]
+    assert slow["status"] == "failed" and slow["error"].startswith("TimeoutError")
+    assert slow["attempts"] == 2  # each attempt got the whole timeout
+    rest = r.drop(index=150)
+    assert len(rest) == 399 and (rest["status"] == "done").all()
+    assert (rest["attempts"] == 1).all()
+    attempts = _attempts(exp.parent / "data")
+    assert attempts[150] == 2 and set((attempts - Counter({150: 2})).values()) == {1}
+
+
+def test_stop_with_a_full_window_ends_at_once_and_owes_the_rest(
+    make_experiment: ExperimentFactory, dispatchers: list[Any], batches: list[int]
+) -> None:
+    body = 'if iteration == 200 and (data / "hold").exists():\n        time.sleep(60)'
+    exp = make_experiment(
+        LOGGING_RUN.format(body=body), instances=1, iterations=400, executor="processes"
+    )
+    data = exp.parent / "data"
+    (data / "hold").touch()
+    d = _load(exp, dispatchers)
+    d.start()
+    wait_until(lambda: d.progress.done == 200, timeout=30)
+    assert d.progress.running > 1  # the held run, and the runs queued behind it
+    t0 = time.monotonic()
+    assert d.stop(timeout=10) is True
+    assert time.monotonic() - t0 < 2.0
+    p = d.progress
+    assert (p.done, p.failed, p.running, p.pending) == (200, 0, 0, 200)
+    (data / "hold").unlink()
+    d.start()
+    assert d.join(timeout=60) is True
+    r = d.results
+    assert len(r) == 400 and (r["status"] == "done").all()
+    attempts = _attempts(data)
+    assert attempts[200] == 2  # held, killed by the stop, then run again
+    assert set((attempts - Counter({200: 2})).values()) == {1}  # queued ones: once each
