@@ -15,8 +15,9 @@ A leaf of the engine (it imports no other part of alma) that only the store call
 
 from __future__ import annotations
 
+import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 try:  # the fast way needs both; without them the exact way does everything
@@ -86,16 +87,12 @@ def from_arrow(rows: ArrowRows) -> pd.DataFrame | None:
     table = rows.table
     if table.num_rows == 0:
         return None
-    lines = table.column(table.num_columns - 1).combine_chunks()
-    # Each value ends in a newline: the array's data buffer is the NDJSON text itself.
-    offsets = lines.buffers()[1]
-    first, last = (
-        int.from_bytes(offsets[i * 4 : i * 4 + 4], "little", signed=True)
-        for i in (lines.offset, lines.offset + len(lines))
-    )
-    text = lines.buffers()[2].slice(first, last - first)
+    # Each value ends in a newline: a chunk's data buffer is the NDJSON text itself,
+    # read chunk after chunk (joining them first would copy every result once more).
+    text = _Chunks(_text(chunk) for chunk in table.column(table.num_columns - 1).chunks)
     try:
-        parsed = pj.read_json(pa.BufferReader(text)).column("r").combine_chunks()
+        options = pj.ReadOptions(block_size=1 << 22)  # 4 MB: fewer, larger parses
+        parsed = pj.read_json(text, read_options=options).column("r").combine_chunks()
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None  # a type that changes between rows, damaged JSON: read exactly
     if len(parsed) != table.num_rows or _has_time(parsed.type) or _lossy(parsed.type):
@@ -127,6 +124,38 @@ def from_arrow(rows: ArrowRows) -> pd.DataFrame | None:
         return _join_result_columns(frame, extra)
     frame["result"] = _values(parsed)
     return frame
+
+
+def _text(chunk: Any) -> Any:
+    """The characters of a chunk of a string column, as one Arrow buffer."""
+    offsets = chunk.buffers()[1]
+    first, last = (
+        int.from_bytes(offsets[i * 4 : i * 4 + 4], "little", signed=True)
+        for i in (chunk.offset, chunk.offset + len(chunk))
+    )
+    return chunk.buffers()[2].slice(first, last - first)
+
+
+class _Chunks(io.RawIOBase):
+    """A readable file over a sequence of buffers, one after the other."""
+
+    def __init__(self, buffers: Iterable[Any]) -> None:
+        self._buffers = iter(buffers)
+        self._current = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, into: Any) -> int:
+        while not self._current:
+            buffer = next(self._buffers, None)
+            if buffer is None:
+                return 0
+            self._current = memoryview(buffer)
+        n = min(len(into), len(self._current))
+        into[:n] = self._current[:n]
+        self._current = self._current[n:]
+        return n
 
 
 def _values(array: Any) -> Any:

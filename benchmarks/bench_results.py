@@ -1,0 +1,124 @@
+"""The results frame of 1,000,000 finished runs: alma against the naive reads of its file.
+
+Run it with ``python benchmarks/bench_results.py`` (about 2 minutes on 2 cores;
+``--runs 100000`` for a quick one). A state of 1,000 files x 1,000 iterations with a
+3-key dict result is written directly through alma's store, then each contender runs
+in a fresh process (pandas and alma imported first, outside the timing), in interleaved
+rounds, and the medians are printed with the peak memory above the import baseline:
+
+* ``d.results`` (alma's frame: columns per key, names, typed; the Arrow way);
+* the same with the Arrow way switched off (``alma.frames.ARROW = False``: sqlite3 rows);
+* ``pandas.read_sql_query("SELECT * FROM runs", con)`` (raw rows, JSON not parsed);
+* ``sqlite3`` ``fetchall()`` of the same (the floor of a row-by-row read).
+
+Target (issue #12): alma at most 0.5x read_sql_query, at most 600 MB above baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MEASURE = """
+import json, sys, time
+import pandas as pd, sqlite3
+import alma.experiment, alma.frames
+
+def peak():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+what, exp = sys.argv[1], sys.argv[2]
+d = alma.experiment.load(exp, readonly=True)
+state = d.state_path
+base = peak()
+t = time.perf_counter()
+if what == "alma":
+    n = len(d.results)
+elif what == "alma-exact":
+    alma.frames.ARROW = False
+    n = len(d.results)
+elif what == "read_sql_query":
+    n = len(pd.read_sql_query("SELECT * FROM runs", sqlite3.connect(state)))
+else:
+    n = len(sqlite3.connect(state).execute("SELECT * FROM runs").fetchall())
+print(json.dumps({"s": time.perf_counter() - t, "mb": peak() - base, "rows": n}))
+"""
+
+CONTENDERS = ("alma", "alma-exact", "read_sql_query", "fetchall")
+
+
+def build(folder: Path, files: int, iterations: int) -> Path:
+    import alma.experiment
+    from alma.records import seed_of
+    from alma.store import Store
+
+    (folder / "data").mkdir(parents=True)
+    for i in range(files):
+        (folder / "data" / f"g{i:04d}.txt").write_text(str(i))
+    (folder / "noop.py").write_text("def run(instance, save_callback, state):\n    return None\n")
+    (folder / "big.batch").write_text(json.dumps({"instances": ["data/*.txt"]}))
+    exp = folder / "big.experiment"
+    exp.write_text(json.dumps({"load": "noop.py", "batch": "big.batch", "iterations": iterations}))
+    spec = alma.experiment.load(exp).spec
+    store = Store(spec.state_path, spec.name)
+    ids, configs = store.open_writer(
+        spec.instances, spec.paths, spec.params, spec.iterations, spec.code_hash
+    )
+    rng, now, rows = random.Random(0), time.time(), []
+    for name in spec.instances:
+        for it in range(iterations):
+            result = {"cut": rng.randint(0, 500), "ratio": rng.random(), "name": name[-9:]}
+            rows.append(
+                (ids[name], configs["{}"], it, "done", json.dumps(result), None, None, 1,
+                 rng.random(), now, spec.code_hash, seed_of(name, it, "{}", 0), 0)
+            )  # fmt: skip
+            if len(rows) == 100_000:
+                store.write(rows, [], [])
+                rows = []
+    store.write(rows, [], [])
+    store.close()
+    return exp
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    print(f"alma results benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    with tempfile.TemporaryDirectory() as tmp:
+        exp = build(Path(tmp), 1000, args.runs // 1000)
+        seen: dict[str, list[dict[str, float]]] = {c: [] for c in CONTENDERS}
+        for r in range(args.rounds):
+            order = CONTENDERS[r % 4 :] + CONTENDERS[: r % 4]
+            for what in order:
+                out = subprocess.run(
+                    [sys.executable, "-c", MEASURE, what, str(exp)],
+                    capture_output=True, text=True, check=True,
+                )  # fmt: skip
+                seen[what].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    sql = statistics.median(m["s"] for m in seen["read_sql_query"])
+    print(f"\n{args.runs:,} finished runs, 3-key dict results, {args.rounds} rounds (medians)")
+    print(f"  {'':<16}{'seconds':>9}{'/ read_sql':>12}{'peak MB':>10}")
+    for what in CONTENDERS:
+        s = statistics.median(m["s"] for m in seen[what])
+        mb = statistics.median(m["mb"] for m in seen[what])
+        print(f"  {what:<16}{s:>9.2f}{s / sql:>12.2f}{mb:>10.0f}")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
