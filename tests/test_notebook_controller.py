@@ -109,6 +109,33 @@ def test_start_button_runs_to_finished(tmp_path: Path, cleanup: list[Any]) -> No
     assert c.instances.html.count("alma-cell-complete") == 4
 
 
+def test_a_grid_shows_counts_per_configuration(tmp_path: Path, cleanup: list[Any]) -> None:
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "b.txt").write_text("b")
+
+    def variant(instance: str, k: int) -> int:
+        if k == 2 and instance.endswith("b.txt"):
+            raise ValueError("no")
+        return k
+
+    d = alma.Experiment(
+        run=variant,
+        instances=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")],
+        iterations=3,
+        params={"k": [1, 2]},
+        state=str(tmp_path / "grid.sqlite"),
+    )
+    c = Controller(d)
+    cleanup += [c, d]
+    assert "k=1: done <b>0</b>" in c.configs.value
+    c.start_button.click()
+    assert d.join(timeout=20)
+    wait_for(lambda: c.status_label.value == "finished", timeout=5)
+    assert "k=1: done <b>6</b> · failed <b>0</b>" in c.configs.value
+    assert "k=2: done <b>3</b> · failed <b>3</b>" in c.configs.value
+    assert "b.txt · k=2" in c.instances.html  # each cell names its configuration
+
+
 def test_stop_button_does_not_block_and_shows_stopping(tmp_path: Path, cleanup: list[Any]) -> None:
     d = make_dispatcher(tmp_path, gated_run, instances=2, iterations=2, workers=2)
     c = Controller(d)

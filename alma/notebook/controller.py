@@ -115,6 +115,7 @@ class Controller(widgets.VBox):
         self.status_label = _styled(widgets.Label(value=""), "alma-status")
         self.bar = _make_bar(dispatcher.spec.total)
         self.counts = _html("alma-counts")
+        self.configs = _html("alma-configs")  # with "params": counts per configuration
         self.message = _html("alma-message")
         self.busy = _html("alma-busy")
         self.error, self.error_text = _folded("alma-error", hidden=True)
@@ -139,6 +140,7 @@ class Controller(widgets.VBox):
         parts = [
             self.bar.container,
             self.counts,
+            self.configs,
             self.busy,
             self.message,
             self.error,
@@ -247,6 +249,7 @@ class Controller(widgets.VBox):
             self.retry_button,
             self.status_label,
             self.counts,
+            self.configs,
             self.message,
             self.busy,
             self.error,
@@ -445,6 +448,20 @@ class Controller(widgets.VBox):
             self.instances.show(self._instances_picture, whole)  # chunks still waiting
             return
         self._instances_key = key
+        grid = sorted({n for c in d.spec.params for n in c.params})
+        if grid:  # a cell per instance in each configuration: say which in its name
+            labels = (
+                frame[grid]
+                .astype(str)
+                .agg(
+                    lambda row: ", ".join(f"{n}={v}" for n, v in zip(grid, row, strict=True)),
+                    axis=1,
+                )
+            )
+            names = [f"{n} · {label}" for n, label in zip(names, labels, strict=True)]
+            self.configs.value = render.configs_html(
+                list(labels.drop_duplicates()), frame.assign(config=labels)
+            )
         self._instances_picture = strip.picture(names, done, failed, running, iterations)
         self.instances.show(self._instances_picture, whole)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import html
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..dispatcher import Progress
@@ -83,6 +83,21 @@ def counts_html(p: Progress) -> str:
     return (
         f"<span style='font-family:var(--jp-code-font-family, monospace);color:{TEXT}'>"
         f"{' · '.join(spans)} · total <b>{p.total}</b></span>"
+    )
+
+
+def configs_html(labels: list[str], frame: Any) -> str:
+    """One line per configuration of a grid: its parameters, then its counts (``frame``:
+    ``d.state`` with a ``config`` label column)."""
+    sums = frame.groupby("config", sort=False)[["done", "failed", "running", "pending"]].sum()
+    lines = []
+    for label in labels:
+        row = sums.loc[label]
+        counts = " · ".join(f"{k} <b>{int(row[k])}</b>" for k in sums.columns)
+        lines.append(f"<div>{html.escape(label)}: {counts}</div>")
+    return (
+        f"<div style='font-family:var(--jp-code-font-family, monospace);color:{TEXT}'>"
+        f"{''.join(lines)}</div>"
     )
 
 
