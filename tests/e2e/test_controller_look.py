@@ -117,8 +117,18 @@ def test_controller_is_readable_in_light_and_dark(
     write_notebook(jupyter_server.root_dir)
     page.goto(jupyter_server.lab_url(NOTEBOOK))
     wait_kernel_idle(page)
-    menu(page, "Run", "Run All Cells")
     controller = page.locator(".alma-controller").first
+    for attempt in range(3):
+        # On a cold machine (a fresh venv's first kernel) the first Run All can be
+        # dropped while the notebook still settles: ask again. Running the cells twice
+        # is harmless (the second start finds nothing owed).
+        menu(page, "Run", "Run All Cells")
+        try:
+            _poll("the controller to show", lambda: controller.count(), 40, page)
+            break
+        except AssertionError:
+            if attempt == 2:
+                raise
     status = controller.locator(".alma-status")
     _poll(
         "status 'finished'", lambda: status.count() and status.inner_text() == "finished", 120, page
