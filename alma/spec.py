@@ -22,8 +22,9 @@ from typing import Any
 from . import executors
 from .errors import ConfigError
 from .executors import ExecutorChoice
+from .frames import RUN_COLUMNS
 from .records import NO_PARAMS, Config, canonical_json
-from .runfunc import hash_bytes, load_module_run
+from .runfunc import PARAMETERS, hash_bytes, load_module_run
 
 #: Upper bounds, far above any real experiment, that keep a typo (2**63 iterations,
 #: a million workers) a clear error instead of a machine brought down.
@@ -77,20 +78,8 @@ def _timeout(where: str | Path, key: str, value: Any) -> float | None:
 #: Names a parameter may not have: what run() receives from alma, and the results'
 #: own columns.
 RESERVED_PARAMETERS = (
-    "instance",
-    "save_callback",
-    "state",
-    "iteration",
-    "seed",
-    "params",
-    "status",
-    "error",
-    "duration",
-    "attempts",
-    "interruptions",
-    "finished",
-    "code",
-    "traceback",
+    *PARAMETERS,
+    *(c for c in RUN_COLUMNS if c not in PARAMETERS),
     "result",
 )
 #: Configurations a grid may hold: far above any real sweep.

@@ -248,7 +248,8 @@ def _version(state: Path) -> int:
 def test_a_state_file_of_alma_0_1_is_read_without_being_changed(v01: Path) -> None:
     state = v01.with_name("search.experiment.sqlite")
     before = state.read_bytes()
-    d = alma.experiment.load(v01, readonly=True)
+    with pytest.warns(UserWarning, match="run code changed"):
+        d = alma.experiment.load(v01, readonly=True)
     p = d.progress
     assert (p.total, p.done, p.failed) == (9, 6, 1)
     r = d.results
@@ -260,7 +261,8 @@ def test_a_state_file_of_alma_0_1_is_read_without_being_changed(v01: Path) -> No
 
 def test_a_state_file_of_alma_0_1_is_migrated_and_resumed(v01: Path) -> None:
     state = v01.with_name("search.experiment.sqlite")
-    old = alma.experiment.load(v01, readonly=True).results
+    with pytest.warns(UserWarning, match="run code changed"):
+        old = alma.experiment.load(v01, readonly=True).results
     with pytest.warns(UserWarning, match="run code changed"):
         d = alma.experiment.load(v01)
     d.start()
