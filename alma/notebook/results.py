@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 
+from ..frames import IDENTITY_COLUMNS, RUN_COLUMNS
 from . import render
 
 if TYPE_CHECKING:
@@ -36,21 +37,7 @@ log = logging.getLogger(__name__)
 #: Seconds between two readings of the results while new runs keep coming.
 INTERVAL = 2.0
 #: Columns of the results frame that are alma's own, never a result.
-OWN_COLUMNS = frozenset(
-    {
-        "instance",
-        "iteration",
-        "status",
-        "error",
-        "duration",
-        "attempts",
-        "interruptions",
-        "finished",
-        "code",
-        "seed",
-        "traceback",
-    }
-)
+OWN_COLUMNS = frozenset({*IDENTITY_COLUMNS, *RUN_COLUMNS})
 #: The summary's columns, and what the table can be sorted by.
 SORTS = ("instance", "runs", "mean", "std", "min", "max", "failed")
 #: Above this many instances the plot shows the distribution of per-instance means
