@@ -39,8 +39,6 @@ from .records import (
 if TYPE_CHECKING:
     import pandas as pd
 
-    from . import frames
-
 #: PRAGMA application_id of alma state files: b"alma" read as a big-endian integer.
 APPLICATION_ID = int.from_bytes(b"alma", "big")
 SCHEMA_VERSION = 2
@@ -133,15 +131,6 @@ _RESULTS_QUERY = (
     " r.interruptions, r.finished, r.code, r.traceback, r.result FROM runs r"
     " JOIN instances i ON i.id = r.instance ORDER BY r.instance, r.config, r.iteration"
 )
-#: The same for Arrow: text never NULL (a column's type is inferred from its first
-#: rows), and each result as a line {"r": ...} of newline-delimited JSON.
-_ARROW_RESULTS_QUERY = (
-    "SELECT instance, iteration, config, seed, status, coalesce(error, ''), duration,"
-    " attempts, interruptions, finished, coalesce(code, ''), coalesce(traceback, ''),"
-    " '{\"r\":' || coalesce(result, 'null') || '}' || char(10)"
-    " FROM runs ORDER BY instance, config, iteration"
-)
-
 #: (instance id, config id): one row of the plan, one instance in one configuration.
 Cell = tuple[int, int]
 
@@ -351,44 +340,10 @@ class Store:
 
         if not self.exists():
             return frames.from_rows([], {})
-        with self._reading():  # validates (and, for a schema-1 file, sets up) the reader
-            version = self._version
-        if version == SCHEMA_VERSION and frames.ARROW:
-            # Columnar, without a Python object per value: ~3x faster than fetchall,
-            # and a third of the memory. Anything it cannot type (a result whose type
-            # varies between rows, damaged JSON) is read the exact way below.
-            fast = self._arrow_rows()
-            if fast is not None:
-                frame = frames.from_arrow(fast)
-                if frame is not None:
-                    return frame
         with self._reading() as db:
             rows = db.execute(_RESULTS_QUERY).fetchall()
             configs = dict(db.execute("SELECT id, params FROM configs"))
         return frames.from_rows(rows, configs)
-
-    def _arrow_rows(self) -> frames.ArrowRows | None:
-        """The rows of results_frame as an Arrow table (text columns never NULL, the
-        result wrapped as one line of JSON, so Arrow can type every column from the
-        first rows; instances by id), with the instances' names and the
-        configurations; None if the driver cannot read it."""
-        import adbc_driver_sqlite.dbapi as adbc
-
-        from . import frames
-
-        uri = f"{self.path.resolve().as_uri()}?mode=ro"
-        try:
-            with adbc.connect(uri) as con, con.cursor() as cur:
-                cur.execute(_ARROW_RESULTS_QUERY)
-                table = cur.fetch_arrow_table()
-                # Read after the runs: a superset of what they refer to.
-                cur.execute("SELECT id, name FROM instances")
-                names = dict(cur.fetchall())
-                cur.execute("SELECT id, params FROM configs")
-                configs = dict(cur.fetchall())
-        except Exception:  # the driver's own errors: the exact path reads it instead
-            return None
-        return frames.ArrowRows(table, names, configs)
 
     # -- writing (the dispatcher's side only) ------------------------------------------
 

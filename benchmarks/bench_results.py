@@ -6,8 +6,7 @@ Run it with ``python benchmarks/bench_results.py`` (about 2 minutes on 2 cores;
 in a fresh process (pandas and alma imported first, outside the timing), in interleaved
 rounds, and the medians are printed with the peak memory above the import baseline:
 
-* ``d.results`` (alma's frame: columns per key, names, typed; the Arrow way);
-* the same with the Arrow way switched off (``alma.frames.ARROW = False``: sqlite3 rows);
+* ``d.results`` (alma's frame: names, a column per result key, typed);
 * ``pandas.read_sql_query("SELECT * FROM runs", con)`` (raw rows, JSON not parsed);
 * ``sqlite3`` ``fetchall()`` of the same (the floor of a row-by-row read).
 
@@ -30,7 +29,7 @@ from pathlib import Path
 MEASURE = """
 import json, sys, time
 import pandas as pd, sqlite3
-import alma.experiment, alma.frames
+import alma.experiment
 
 def peak():
     with open("/proc/self/status") as f:
@@ -46,9 +45,6 @@ base = peak()
 t = time.perf_counter()
 if what == "alma":
     n = len(d.results)
-elif what == "alma-exact":
-    alma.frames.ARROW = False
-    n = len(d.results)
 elif what == "read_sql_query":
     n = len(pd.read_sql_query("SELECT * FROM runs", sqlite3.connect(state)))
 else:
@@ -56,7 +52,7 @@ else:
 print(json.dumps({"s": time.perf_counter() - t, "mb": peak() - base, "rows": n}))
 """
 
-CONTENDERS = ("alma", "alma-exact", "read_sql_query", "fetchall")
+CONTENDERS = ("alma", "read_sql_query", "fetchall")
 
 
 def build(folder: Path, files: int, iterations: int) -> Path:
@@ -103,7 +99,7 @@ def main() -> None:
         exp = build(Path(tmp), 1000, args.runs // 1000)
         seen: dict[str, list[dict[str, float]]] = {c: [] for c in CONTENDERS}
         for r in range(args.rounds):
-            order = CONTENDERS[r % 4 :] + CONTENDERS[: r % 4]
+            order = CONTENDERS[r % 3 :] + CONTENDERS[: r % 3]
             for what in order:
                 out = subprocess.run(
                     [sys.executable, "-c", MEASURE, what, str(exp)],

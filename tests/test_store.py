@@ -390,51 +390,12 @@ def test_million_finished_runs_load_and_count(make_experiment, tmp_path: Path) -
     d.start()  # nothing owed: returns at once, runs nothing
     assert d.join(timeout=30)
     assert d.progress.done == 1_000_000
-    r = d.results  # the fast way, on a million rows
+    r = d.results
     assert len(r) == 1_000_000 and (r["result"] == 1).all()
     d.close()
 
 
-def test_the_fast_and_the_exact_results_frames_are_the_same(
-    make_experiment, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The Arrow way and the sqlite3 way build one frame: columns, order, values,
-    missing values, with a grid, failed runs and dict results missing keys."""
-    import pandas as pd
-
-    import alma.frames
-
-    exp = make_experiment(
-        """
-        def run(instance, save_callback, state, iteration, a):
-            if iteration == 1 and a == 2:
-                raise ValueError("odd")
-            out = {"x": iteration * a, "label": f"{a}-{iteration}"}
-            if iteration:
-                out["extra"] = 0.5
-            return out
-        """,
-        instances=3,
-        iterations=3,
-        params={"a": [1, 2]},
-    )
-    d = alma.experiment.load(exp)
-    d.start()
-    assert d.join(timeout=60)
-    fast = d.results
-    monkeypatch.setattr(alma.frames, "ARROW", False)
-    exact = d.results
-    d.close()
-    assert len(fast) == 18 and (fast["status"] == "failed").sum() == 3
-    assert list(fast.columns) == list(exact.columns)
-    pd.testing.assert_frame_equal(fast, exact, check_dtype=False)
-    failed = fast[fast["status"] == "failed"]
-    assert failed["error"].tolist() == ["ValueError: odd"] * 3
-    assert failed["traceback"].str.contains("raise ValueError").all()
-    assert fast["error"].isna().sum() == 15 and fast["extra"].isna().sum() == 9
-
-
-def test_results_whose_type_changes_between_rows_are_read_exactly(make_experiment) -> None:
+def test_results_whose_type_changes_between_rows_are_kept(make_experiment) -> None:
     exp = make_experiment(
         "def run(instance, save_callback, state, iteration):\n"
         "    return 'text' if iteration else 3\n",
