@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+from . import frames
 from .errors import StateError
 from .records import (
     DONE,
@@ -336,8 +337,6 @@ class Store:
     def results_frame(self) -> pd.DataFrame:
         """One row per finished run; each parameter of the configurations and each key
         of a dict result becomes a column (see alma.frames)."""
-        from . import frames
-
         if not self.exists():
             return frames.from_rows([], {})
         with self._reading() as db:
