@@ -1,22 +1,35 @@
-"""The results DataFrame, built from the rows the store read: columns, order, types.
+"""The results DataFrame, built from the text the store read: columns, order, types.
 
-Rows come from Python's ``sqlite3`` only. A columnar read through ADBC's SQLite driver
-was three times faster, but it links a second copy of SQLite into the process: when
-one copy closes the file, POSIX drops the other copy's locks on it, and a session
-writing in the same process (the notebook's usual case) crashed with SIGBUS. SQLite's
-documentation warns about exactly this ("multiple copies of SQLite in one process").
+Why text: a ``fetchall`` makes a Python object of every value, and at a million runs
+that alone takes longer than anything else. So the store has SQLite write, in C, two
+lines per run: a JSON array of its columns, which pyarrow's CSV reader turns into typed
+columns (a JSON array without its brackets is a CSV line whose strings escape with a
+backslash), and its *document*, ``{"r": result}`` or ``{"e": error, "t": traceback,
+"r": result}``, which pyarrow's JSON reader parses. Only Python's ``sqlite3`` ever
+touches the file: a second SQLite library in the process (an ADBC driver, say) would
+drop its POSIX locks when closing the file, which SQLite's documentation warns about.
+
+Results Arrow cannot type (a type that changes from row to row, a damaged row) are
+decoded with :mod:`json`, row by row, to the same values.
+
+:func:`merge` extends a frame with the runs committed since it was read, so a re-read
+costs the new rows (and one copy), not the whole table; the store keeps that frame.
 
 A leaf of the engine (it imports no other part of alma), called by the store.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
+    import pyarrow as pa
 
 #: The columns around the parameters' and the result's own: identity, then the
 #: parameters, then these, then the result.
@@ -33,21 +46,237 @@ RUN_COLUMNS = (
     "traceback",
 )
 
+#: What each line holds, in order, between a leading and a trailing 0 (the brackets
+#: of the array stick to those, and they are not read). ``finished`` is in
+#: microseconds.
+LINE_COLUMNS = (
+    "instance",
+    "config",
+    "iteration",
+    "seed",
+    "status",
+    "duration",
+    "attempts",
+    "interruptions",
+    "finished",
+    "code",
+)
 
-def from_rows(rows: list[Any], configs: dict[int, str]) -> pd.DataFrame:
-    """The frame of rows read as (instance, iteration, config id, *RUN_COLUMNS, result
-    JSON), with ``configs`` (id -> params JSON)."""
+
+#: (instance id, config id, iteration) per row: a run's key, the frame's order.
+Key = tuple["np.ndarray", "np.ndarray", "np.ndarray"]
+
+
+class Part(NamedTuple):
+    """Some runs read: their frame and, per row, its key."""
+
+    frame: pd.DataFrame
+    keys: Key
+
+
+def empty() -> pd.DataFrame:
+    """The frame of no runs: alma's own columns, and ``result``."""
     import pandas as pd
 
-    width = len(IDENTITY_COLUMNS) + 1 + len(RUN_COLUMNS) + 1
-    cols = list(zip(*rows, strict=True)) if rows else [()] * width
-    identity, config, run, results = cols[:2], cols[2], cols[3:-1], cols[-1]
-    frame = pd.DataFrame(dict(zip(IDENTITY_COLUMNS, identity, strict=True)))
+    return pd.DataFrame(columns=[*IDENTITY_COLUMNS, *RUN_COLUMNS, "result"])
+
+
+class Chunk(NamedTuple):
+    """Some runs, parsed: the store reads a whole table chunk by chunk."""
+
+    runs: pa.Table  #: LINE_COLUMNS
+    docs: pa.Table | None  #: e, t, r; None where Arrow cannot type them as json would
+    text: str  #: the documents, one per line, for the exact way
+
+
+def parse(lines: str, docs: str) -> Chunk:
+    """Parse the lines (see LINE_COLUMNS) and the documents of some runs: text of
+    one line per run, both in the same order."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    names = ["_", *LINE_COLUMNS, "__"]
+    types = {name: pa.int64() for name in LINE_COLUMNS}
+    types.update(status=pa.string(), code=pa.string(), duration=pa.float64())
+    runs = pcsv.read_csv(
+        io.BytesIO(lines.encode()),
+        read_options=pcsv.ReadOptions(column_names=names, block_size=1 << 24),
+        parse_options=pcsv.ParseOptions(escape_char="\\"),
+        convert_options=pcsv.ConvertOptions(
+            column_types=types,
+            include_columns=list(LINE_COLUMNS),
+            null_values=["null"],
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
+        ),
+    )
+    return Chunk(runs, _parse_docs(docs, runs.num_rows), docs)
+
+
+def _parse_docs(text: str, rows: int) -> pa.Table | None:
+    """The documents, parsed by Arrow; None when it fails (a type that changes
+    between rows, damaged JSON)."""
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    schema = pa.schema([("e", pa.string()), ("t", pa.string())])
+    try:
+        parsed = pj.read_json(
+            io.BytesIO(text.encode()),
+            read_options=pj.ReadOptions(block_size=1 << 24),
+            parse_options=pj.ParseOptions(explicit_schema=schema),
+        )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    return parsed if parsed.num_rows == rows and "r" in parsed.column_names else None
+
+
+def from_chunks(chunks: Sequence[Chunk], names: dict[int, str], configs: dict[int, str]) -> Part:
+    """The frame of the runs in ``chunks``, with the names of the instances and the
+    parameters (JSON) of the configurations, by id."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+
+    if not chunks:
+        none = np.empty(0, np.int64)
+        return Part(empty(), (none, none, none))
+    table = pa.concat_tables([chunk.runs for chunk in chunks])
+    ids = table.column("instance").to_numpy()
+    config = table.column("config").to_numpy()
+    iteration = table.column("iteration").to_numpy()
+    frame = pd.DataFrame({"instance": _names(ids, names), "iteration": iteration})
     frame = _with_params(frame, config, configs)
-    for name, values in zip(RUN_COLUMNS, run, strict=True):
-        frame[name] = values
-    frame["finished"] = pd.to_datetime(frame["finished"], unit="s", utc=True)
-    return _expand_results(frame, _decode_results(results, frame))
+    docs = _docs_of(chunks)
+    for name in RUN_COLUMNS:
+        if name in ("error", "traceback"):
+            frame[name] = docs.column(name[0]).to_pandas() if docs else None
+        elif name == "finished":
+            micros = table.column("finished").to_numpy()
+            frame[name] = pd.to_datetime(micros, unit="us", utc=True)
+        else:
+            frame[name] = table.column(name).to_pandas()
+    if docs is None:
+        texts = [line for chunk in chunks for line in chunk.text.split("\n")]
+        frame = _decode_exactly(frame, texts)
+    else:
+        frame = _results_of(frame, docs.column("r").combine_chunks())
+    return Part(frame, (ids, config, iteration))
+
+
+def _docs_of(chunks: Sequence[Chunk]) -> pa.Table | None:
+    """The documents of all chunks as one table, or None when Arrow cannot type them
+    the way :mod:`json` would (the exact way then reads them)."""
+    import pyarrow as pa
+
+    if any(chunk.docs is None for chunk in chunks):
+        return None
+    try:  # chunks typed apart: ints and floats make floats, as in one parse
+        docs = pa.concat_tables([c.docs for c in chunks], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return None
+    kind = docs.schema.field("r").type
+    return None if _has_time(kind) or _lossy(kind) else docs
+
+
+def _names(ids: np.ndarray, names: dict[int, str]) -> Any:
+    """The instances' names, one per row, taken from one small array (not a string per
+    row out of SQLite)."""
+    import numpy as np
+    import pyarrow as pa
+
+    if not len(ids):
+        return pa.array([], pa.string()).to_pandas()
+    position = np.full(max(max(names, default=0), int(ids.max())) + 1, -1, np.int64)
+    position[list(names)] = np.arange(len(names))
+    return pa.array(list(names.values()), pa.string()).take(position[ids]).to_pandas()
+
+
+def _results_of(frame: pd.DataFrame, results: pa.Array) -> pd.DataFrame:
+    """``frame`` with the results Arrow parsed: dict results one column per key."""
+    import pandas as pd
+    import pyarrow as pa
+
+    if pa.types.is_struct(results.type):
+        fields = [results.type.field(i).name for i in range(results.type.num_fields)]
+        extra = pd.DataFrame(
+            {name: _values(results.field(i), math.nan) for i, name in enumerate(fields)},
+            index=frame.index,
+        )
+        return _join_result_columns(frame, extra)
+    frame["result"] = _values(results, None)
+    return frame
+
+
+def _values(array: Any, missing: object) -> Any:
+    """An Arrow column as pandas values, the way pandas makes them from what json.loads
+    gives: numbers and text typed, nested values (lists, dicts) and booleans with gaps
+    as Python objects, gaps as ``missing`` (NaN in a column of a dict's key, None in
+    the ``result`` column)."""
+    import pandas as pd
+    import pyarrow as pa
+
+    if pa.types.is_null(array.type):
+        return pd.Series([missing] * len(array), dtype=object if missing is None else float)
+    if pa.types.is_nested(array.type) or (pa.types.is_boolean(array.type) and array.null_count):
+        values = array.to_pylist()
+        if missing is not None:
+            values = [missing if v is None else v for v in values]
+        return pd.Series(values, dtype=object)
+    return array.to_pandas()
+
+
+def _lossy(kind: Any) -> bool:
+    """True when Arrow may have changed a nested value: a list or dict (inside a dict
+    result, or the result itself) holding floats may hold ints Arrow made floats, where
+    json.loads keeps [1, 0.5] as it was. (A column of a dict result mixing ints and
+    floats becomes floats in both ways, as pandas makes it.)"""
+    import pyarrow as pa
+
+    fields = (
+        [kind.field(i).type for i in range(kind.num_fields)] if pa.types.is_struct(kind) else [kind]
+    )
+    return any(pa.types.is_nested(f) and _has(f, pa.types.is_floating) for f in fields)
+
+
+def _has(kind: Any, test: Any) -> bool:
+    """True when ``test`` holds for an Arrow type or any type nested in it."""
+    if test(kind):
+        return True
+    return any(_has(kind.field(i).type, test) for i in range(getattr(kind, "num_fields", 0)))
+
+
+def _has_time(kind: Any) -> bool:
+    """True when an Arrow type holds a timestamp or a date anywhere (pyarrow reads ISO
+    date text as timestamps; the results keep it as text)."""
+    import pyarrow as pa
+
+    return _has(kind, pa.types.is_temporal)
+
+
+def _decode_exactly(frame: pd.DataFrame, docs: list[str]) -> pd.DataFrame:
+    """``frame`` with the documents decoded by :mod:`json`. The error and the
+    traceback (written by SQLite) always read; a result that does not (damaged in the
+    file) gets None and says why in its row's ``error``, so one bad row never hides
+    the others."""
+    decoder = json.JSONDecoder()
+    errors, tracebacks, results = [], [], []
+    for doc in docs:
+        error = trace = None
+        end = 0
+        if doc.startswith('{"e":'):  # a run with an error or a traceback
+            error, end = decoder.raw_decode(doc, len('{"e":'))
+            trace, end = decoder.raw_decode(doc, end + len(',"t":'))
+        try:
+            results.append(json.loads(doc[end + len('{"r":') : -1]))
+        except (ValueError, RecursionError) as exc:
+            results.append(None)
+            error = f"the stored result cannot be read back ({type(exc).__name__}: {exc})"
+        errors.append(error)
+        tracebacks.append(trace)
+    frame["error"] = errors
+    frame["traceback"] = tracebacks
+    return _expand_results(frame, results)
 
 
 def _with_params(frame: pd.DataFrame, config: Sequence[int], configs: dict[int, str]) -> Any:
@@ -60,27 +289,6 @@ def _with_params(frame: pd.DataFrame, config: Sequence[int], configs: dict[int, 
     per_config = pd.DataFrame.from_records(list(params.values()), index=list(params))
     taken = per_config.reindex(list(config)).reset_index(drop=True)
     return pd.concat([frame, taken.set_axis(frame.index)], axis=1)
-
-
-def _decode_results(texts: Sequence[str | None], frame: pd.DataFrame) -> list[Any]:
-    """The stored results, decoded. One parse of one JSON array is ~4x faster than a
-    json.loads per row; if a row cannot be read back (damaged in the file), the rows are
-    parsed one by one and each bad one gets None and says why in its ``error`` column,
-    so one bad row never hides the others."""
-    try:
-        return list(json.loads("[" + ",".join(t or "null" for t in texts) + "]"))
-    except (ValueError, RecursionError):
-        pass
-    values: list[Any] = []
-    for row, text in enumerate(texts):
-        try:
-            values.append(None if text is None else json.loads(text))
-        except (ValueError, RecursionError) as exc:
-            values.append(None)
-            frame.loc[row, "error"] = (
-                f"the stored result cannot be read back ({type(exc).__name__}: {exc})"
-            )
-    return values
 
 
 def _expand_results(frame: pd.DataFrame, values: list[Any]) -> pd.DataFrame:
@@ -105,3 +313,47 @@ def _join_result_columns(frame: pd.DataFrame, extra: pd.DataFrame) -> pd.DataFra
         f"result_{c}" if c in frame.columns or c == "result" else str(c) for c in extra.columns
     ]
     return pd.concat([frame, extra], axis=1)
+
+
+def own_copy(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` its caller may change without changing ``frame``. Under
+    copy-on-write (pandas 3) a shallow copy is one, and costs nothing."""
+    import pandas as pd
+
+    cow = int(pd.__version__.split(".")[0]) >= 3 or pd.get_option("mode.copy_on_write") is True
+    return frame.copy(deep=not cow)
+
+
+def merge(old: Part, new: Part) -> Part | None:
+    """``old`` with the runs of ``new`` in their places (a run in both: the new row),
+    or None when a whole read could give other columns or types (a new result key, a
+    text column that gains missing values): the caller then reads the whole table."""
+    import numpy as np
+    import pandas as pd
+
+    if list(old.frame.columns) != list(new.frame.columns):
+        return None
+    for a, b in zip(old.frame.dtypes, new.frame.dtypes, strict=True):
+        # int64 and float64 (a key some rows lack) make float64 both ways.
+        if a != b and {str(a), str(b)} != {"int64", "float64"}:
+            return None
+    ordering = _ordering(old.keys, new.keys)
+    if ordering is None:
+        return None
+    old_key, new_key = ordering
+    kept = ~np.isin(old_key, new_key)
+    key = np.concatenate([old_key[kept], new_key])
+    order = np.argsort(key, kind="stable")  # two sorted runs: merged in linear time
+    frame = pd.concat([old.frame[kept], new.frame], ignore_index=True)
+    frame = frame.take(order).reset_index(drop=True)
+    keys = [np.concatenate([o[kept], n])[order] for o, n in zip(old.keys, new.keys, strict=True)]
+    return Part(frame, (keys[0], keys[1], keys[2]))
+
+
+def _ordering(*keys: Key) -> list[np.ndarray] | None:
+    """One int64 per row, ordered as (instance, config, iteration) are, for each of
+    ``keys``; None if they do not fit in one."""
+    widths = [max((int(k[i].max()) + 1 for k in keys if len(k[i])), default=1) for i in range(3)]
+    if widths[0] * widths[1] * widths[2] >= 1 << 62:
+        return None
+    return [(k[0] * widths[1] + k[1]) * widths[2] + k[2] for k in keys]

@@ -13,8 +13,10 @@ Values are JSON text (results, checkpoints), never pickles.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
+import json
 import os
 import socket
 import sqlite3
@@ -42,9 +44,10 @@ if TYPE_CHECKING:
 
 #: PRAGMA application_id of alma state files: b"alma" read as a big-endian integer.
 APPLICATION_ID = int.from_bytes(b"alma", "big")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
-_SCHEMA = """
+#: Schema 2: configurations and seeds.
+_SCHEMA_2 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE instances (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, path TEXT);
 CREATE TABLE configs (id INTEGER PRIMARY KEY, params TEXT NOT NULL UNIQUE);  -- JSON
@@ -109,7 +112,17 @@ CREATE TABLE sessions (
 );
 """
 
-_SCHEMAS = {1: _SCHEMA_1, SCHEMA_VERSION: _SCHEMA}
+#: Schema 3: each run records the commit that wrote it (``seq``, counted by the writer;
+#: the index finds the runs committed since a given one), so a reader extends the
+#: results it read rather than reading them all again. Added the way a schema-2 file
+#: is migrated (ALTER TABLE), so new and migrated files hold the same definitions.
+_SCHEMA_3_CHANGES = """
+ALTER TABLE runs ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX runs_seq ON runs (seq);
+"""
+_SCHEMA = _SCHEMA_2 + _SCHEMA_3_CHANGES
+
+_SCHEMAS = {1: _SCHEMA_1, 2: _SCHEMA_2, SCHEMA_VERSION: _SCHEMA}
 
 #: Id of the configuration without parameters, ``{}``, in a migrated schema-1 file.
 _EMPTY_CONFIG_ID = 1
@@ -126,12 +139,25 @@ CREATE TEMP VIEW checkpoints AS SELECT instance, {_EMPTY_CONFIG_ID} AS config, i
     state, saved FROM main.checkpoints;
 """
 
-#: Every column of results_frame, in the order alma.frames expects.
-_RESULTS_QUERY = (
-    "SELECT i.name, r.iteration, r.config, r.seed, r.status, r.error, r.duration, r.attempts,"
-    " r.interruptions, r.finished, r.code, r.traceback, r.result FROM runs r"
-    " JOIN instances i ON i.id = r.instance ORDER BY r.instance, r.config, r.iteration"
+#: Two lines per run, as alma.frames reads them (LINE_COLUMNS, then the document):
+#: SQLite writes the text. json_quote only for the few runs with an error: it costs.
+_LINES = (
+    "SELECT group_concat(line, char(10)), group_concat(doc, char(10)) FROM (SELECT"
+    " json_array(0, r.instance, r.config, r.iteration, r.seed, r.status, r.duration,"
+    " r.attempts, r.interruptions, CAST(round(r.finished * 1000000) AS INTEGER), r.code, 0)"
+    " AS line, CASE WHEN r.error IS NULL AND r.traceback IS NULL THEN '{\"r\":'"
+    " || coalesce(r.result, 'null') || '}' ELSE '{\"e\":' || json_quote(r.error)"
+    " || ',\"t\":' || json_quote(r.traceback) || ',\"r\":' || coalesce(r.result, 'null')"
+    " || '}' END AS doc FROM runs r {where} ORDER BY r.instance, r.config, r.iteration)"
 )
+#: The runs after a key, at most so many: a whole read, chunk by chunk.
+_LINES_AFTER = _LINES.replace("{where}", "WHERE (r.instance, r.config, r.iteration) > (?, ?, ?)")
+_LINES_AFTER = _LINES_AFTER[:-1] + " LIMIT ?)"
+#: The runs committed after a given commit (schema 3).
+_LINES_SINCE = _LINES.replace("{where}", "WHERE r.seq > ?")
+#: Runs per chunk of a whole read: about 25 MB of text with small results.
+_CHUNK = 100_000
+
 #: (instance id, config id): one row of the plan, one instance in one configuration.
 Cell = tuple[int, int]
 
@@ -145,6 +171,17 @@ class Counts(NamedTuple):
 
     done: int
     failed: int
+
+
+class _Results(NamedTuple):
+    """The results a store read last, and what it needs to extend them."""
+
+    #: (readers opened, the forgotten count, the last commit read): the first two
+    #: unchanged, the frame may be extended with the runs committed after the third.
+    stamp: tuple[int, object, int | None]
+    part: frames.Part
+    names: dict[int, str]
+    configs: dict[int, str]
 
 
 class Store:
@@ -161,8 +198,10 @@ class Store:
         self._identity: tuple[int, int] | None = None  # (device, inode) the writer opened
         # Instances open_writer gave ids to, not inserted yet: (first id, names, paths).
         self._unregistered: _NewInstances = _NOTHING_NEW
+        self._seq = 0  # the last commit's number (schema 3), kept by the writer
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
+        self._results: _Results | None = None  # what results_frame read last
         self._ready = False  # the file was seen holding alma's schema
 
     # -- validation -------------------------------------------------------------------
@@ -336,13 +375,55 @@ class Store:
 
     def results_frame(self) -> pd.DataFrame:
         """One row per finished run; each parameter of the configurations and each key
-        of a dict result becomes a column (see alma.frames)."""
+        of a dict result becomes a column (see alma.frames).
+
+        The frame is kept: the next call reads only the runs committed since (schema 3)
+        and merges them in, unless runs were forgotten (reset) meanwhile. The caller
+        gets its own copy to change as it likes.
+        """
         if not self.exists():
-            return frames.from_rows([], {})
+            return frames.empty()
         with self._reading() as db:
-            rows = db.execute(_RESULTS_QUERY).fetchall()
-            configs = dict(db.execute("SELECT id, params FROM configs"))
-        return frames.from_rows(rows, configs)
+            db.execute("BEGIN")  # one snapshot for every query below
+            try:
+                self._results = self._read_results(db, self._results)
+            finally:
+                db.execute("ROLLBACK")
+        return frames.own_copy(self._results.part.frame)
+
+    def _read_results(self, db: sqlite3.Connection, last: _Results | None) -> _Results:
+        """The results now, from ``last`` and the runs committed since, or read whole."""
+        forgotten = db.execute("SELECT value FROM meta WHERE key = 'forgotten'").fetchone()
+        seq = db.execute("SELECT max(seq) FROM runs").fetchone()[0] if self._version >= 3 else None
+        stamp = (self._opened, forgotten, seq)
+        if seq is not None and last is not None and last.stamp[:2] == stamp[:2]:
+            if seq == last.stamp[2]:
+                return last
+            new = db.execute("SELECT count(*) FROM runs WHERE seq > ?", last.stamp[2:]).fetchone()
+            if new[0] * 4 < len(last.part.frame):  # else a whole read is as cheap
+                names, configs = self._names_and_configs(db, last.names, last.configs)
+                lines, docs = db.execute(_LINES_SINCE, last.stamp[2:]).fetchone()
+                new_part = frames.from_chunks([frames.parse(lines, docs)], names, configs)
+                part = frames.merge(last.part, new_part)
+                if part is not None:
+                    return _Results(stamp, part, names, configs)
+        names, configs = self._names_and_configs(db, {}, {})
+        return _Results(stamp, frames.from_chunks(_whole(db), names, configs), names, configs)
+
+    @staticmethod
+    def _names_and_configs(
+        db: sqlite3.Connection, names: dict[int, str], configs: dict[int, str]
+    ) -> tuple[dict[int, str], dict[int, str]]:
+        """``names`` and ``configs`` (by id; rows are never changed nor deleted) with
+        those added since."""
+        names, configs = dict(names), dict(configs)
+        names.update(
+            db.execute("SELECT id, name FROM instances WHERE id > ?", (max(names, default=0),))
+        )
+        configs.update(
+            db.execute("SELECT id, params FROM configs WHERE id > ?", (max(configs, default=0),))
+        )
+        return names, configs
 
     # -- writing (the dispatcher's side only) ------------------------------------------
 
@@ -379,8 +460,13 @@ class Store:
                     "INSERT INTO meta VALUES (?, ?)",
                     [("experiment", self.experiment), ("created", str(time.time()))],
                 )
-            elif db.execute("PRAGMA user_version").fetchone()[0] == 1:
-                self._migrate_from_1(db)
+            else:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if version == 1:
+                    self._migrate_from_1(db)
+                if version <= 2:
+                    self._migrate_from_2(db)
+            self._seq = db.execute("SELECT coalesce(max(seq), 0) FROM runs").fetchone()[0]
             known = {text for (text,) in db.execute("SELECT params FROM configs")}
             db.executemany(
                 "INSERT INTO configs (params) VALUES (?)",
@@ -420,7 +506,7 @@ class Store:
         db.create_function("alma_seed", 2, self._seed_of, deterministic=True)
         db.execute("ALTER TABLE runs RENAME TO runs_1")
         db.execute("ALTER TABLE checkpoints RENAME TO checkpoints_1")
-        for statement in _SCHEMA.split(";"):
+        for statement in _SCHEMA_2.split(";"):
             table = statement.split("(")[0].split()[-1] if statement.strip() else ""
             if table in ("configs", "runs", "checkpoints"):
                 db.execute(statement)
@@ -438,6 +524,14 @@ class Store:
         )
         db.execute("DROP TABLE runs_1")
         db.execute("DROP TABLE checkpoints_1")
+        db.execute("PRAGMA user_version=2")
+
+    def _migrate_from_2(self, db: sqlite3.Connection) -> None:
+        """Schema 2 to 3, in the caller's transaction: the runs stored so far count as
+        committed before any commit a reader has seen (``seq`` 0)."""
+        for statement in _SCHEMA_3_CHANGES.split(";"):
+            if statement.strip():
+                db.execute(statement)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def write(
@@ -457,8 +551,10 @@ class Store:
             db.executemany(
                 "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)", map(tuple, checkpoints)
             )
+            # The commit's number, a literal: one more parameter per row would cost more.
             db.executemany(
-                "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO runs VALUES"
+                f" (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {self._seq + 1})",
                 map(tuple, runs),
             )
             db.executemany(
@@ -467,6 +563,7 @@ class Store:
             )
             db.execute("COMMIT")
             self._unregistered = _NOTHING_NEW
+            self._seq += 1
         except BaseException:
             if db.in_transaction:  # a failed COMMIT (disk full) has already rolled back
                 db.execute("ROLLBACK")
@@ -502,6 +599,11 @@ class Store:
                 n = db.execute("DELETE FROM runs").rowcount
             if not failed_only:
                 db.execute("DELETE FROM checkpoints")
+            # Readers keep the results they read: this tells them to read them again.
+            db.execute(
+                "INSERT INTO meta VALUES ('forgotten', '1')"
+                " ON CONFLICT (key) DO UPDATE SET value = value + 1"
+            )
             db.execute("COMMIT")
             self._unregistered = _NOTHING_NEW
         except BaseException:
@@ -542,6 +644,24 @@ class Store:
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None
+
+
+def _whole(db: sqlite3.Connection) -> list[frames.Chunk]:
+    """Every run, parsed chunk by chunk; SQLite writes the next chunk (in a thread,
+    without the GIL) while pyarrow parses this one."""
+
+    def fetch(after: Sequence[int]) -> tuple[str | None, str | None]:
+        return db.execute(_LINES_AFTER, (*after, _CHUNK)).fetchone()
+
+    chunks: list[frames.Chunk] = []
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(fetch, (-1, -1, -1))
+        while True:
+            lines, docs = pending.result()
+            if lines is None or docs is None:
+                return chunks
+            pending = pool.submit(fetch, json.loads(lines[lines.rfind("\n") + 1 :])[1:4])
+            chunks.append(frames.parse(lines, docs))
 
 
 def _moved_away(path: Path, identity: tuple[int, int] | None) -> str | None:

@@ -1,12 +1,8 @@
-"""Parameter grids (``"params"``), the seed of each run, replay, and state files of
-alma 0.1 (schema 1) migrated in place."""
+"""Parameter grids (``"params"``), the seed of each run, replay."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +11,6 @@ from helpers import ExperimentFactory, alma_cli, listing
 
 import alma
 import alma.experiment
-from alma.store import Store
-
-FIXTURE = Path(__file__).parent / "fixtures" / "v01"
 
 LOGGING_RUN = """
 import json, os
@@ -223,81 +216,3 @@ def test_experiment_in_code_takes_params_and_seed(tmp_path: Path, monkeypatch: A
     assert sorted(d.results["result"]) == [1, 2]
     assert set(d.results["seed"]) == {alma.run_seed("a.txt", 0, {"k": k}, 3) for k in (1, 2)}
     d.close()
-
-
-# -- alma 0.1 state files ------------------------------------------------------------
-
-
-@pytest.fixture
-def v01(tmp_path: Path) -> Path:
-    """A copy of the experiment whose state file alma 0.1 wrote (tests/fixtures/v01)."""
-    folder = tmp_path / "v01"
-    shutil.copytree(FIXTURE, folder)
-    (folder / "search.py").write_text(
-        "import os\n\ndef run(instance, save_callback, state):\n"
-        "    return {'score': len(os.path.basename(instance)) * 10 + 1, 'resumed': state}\n"
-    )
-    return folder / "search.experiment"
-
-
-def _version(state: Path) -> int:
-    with contextlib.closing(sqlite3.connect(state)) as db:
-        return int(db.execute("PRAGMA user_version").fetchone()[0])
-
-
-def test_a_state_file_of_alma_0_1_is_read_without_being_changed(v01: Path) -> None:
-    state = v01.with_name("search.experiment.sqlite")
-    before = state.read_bytes()
-    with pytest.warns(UserWarning, match="run code changed"):
-        d = alma.experiment.load(v01, readonly=True)
-    p = d.progress
-    assert (p.total, p.done, p.failed) == (9, 6, 1)
-    r = d.results
-    assert len(r) == 7 and r["seed"].notna().all()
-    assert r.loc[r["status"] == "failed", "error"].item() == "ValueError: g2 is odd at iteration 1"
-    d.close()
-    assert state.read_bytes() == before and _version(state) == 1
-
-
-def test_a_state_file_of_alma_0_1_is_migrated_and_resumed(v01: Path) -> None:
-    state = v01.with_name("search.experiment.sqlite")
-    with pytest.warns(UserWarning, match="run code changed"):
-        old = alma.experiment.load(v01, readonly=True).results
-    with pytest.warns(UserWarning, match="run code changed"):
-        d = alma.experiment.load(v01)
-    d.start()
-    assert d.join(timeout=60) is True
-    assert _version(state) == 2
-    r = d.results
-    assert (len(r), (r["status"] == "done").sum()) == (9, 8)  # the failed run stays failed
-    kept = r.merge(old, on=["instance", "iteration"], suffixes=("", "_old"))
-    assert len(kept) == 7 and (kept["seed"] == kept["seed_old"]).all()
-    assert (kept["finished"] == kept["finished_old"]).all()  # not re-run
-    resumed = r[(r["instance"] == "data/g1.txt") & (r["iteration"] == 2)]
-    assert resumed["resumed"].item() == {"step": 1}  # its 0.1 checkpoint was handed back
-    # The migrated file still grows a grid: the old runs are the empty configuration's.
-    d.close()
-
-
-def test_a_crash_during_migration_leaves_the_old_file_usable(
-    v01: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    state = v01.with_name("search.experiment.sqlite")
-    real = Store._migrate_from_1
-
-    def crash(self: Store, db: sqlite3.Connection) -> None:
-        real(self, db)  # every statement done, the transaction not committed yet
-        raise OSError("power cut")
-
-    monkeypatch.setattr(Store, "_migrate_from_1", crash)
-    with pytest.warns(UserWarning):
-        d = alma.experiment.load(v01)
-    with pytest.raises(OSError, match="power cut"):
-        d.start()
-    assert _version(state) == 1
-    assert not d.running
-    monkeypatch.setattr(Store, "_migrate_from_1", real)
-    with pytest.warns(UserWarning):
-        d = alma.experiment.load(v01)
-    d.start()
-    assert d.join(timeout=60) is True and len(d.results) == 9

@@ -407,3 +407,79 @@ def test_results_whose_type_changes_between_rows_are_kept(make_experiment) -> No
     assert d.join(timeout=60)
     assert sorted(map(str, d.results["result"])) == ["3", "3", "text", "text"]
     d.close()
+
+
+RESULT_SHAPES = """
+def run(instance, save_callback, state, iteration, a):
+    if iteration == 1 and a == 2:
+        raise ValueError("odd\\nsecond line \\\\ with a backslash and a \\"quote\\"")
+    out = {"x": iteration * a, "label": f"{a}-{iteration} ∂", "flag": iteration == 0,
+           "nested": {"k": [iteration, 2]}, "none": None}
+    if iteration:
+        out["extra"] = 0.5
+    return out
+"""
+
+
+def test_arrow_and_json_decode_results_to_the_same_frame(
+    make_experiment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyarrow types the results; json decodes what it cannot: both ways give one
+    frame (columns, order, values, types, missing values), with a grid, failed runs,
+    text with escapes, nested values, booleans and keys some rows lack."""
+    import pandas as pd
+
+    import alma.frames
+
+    exp = make_experiment(RESULT_SHAPES, instances=3, iterations=3, params={"a": [1, 2]})
+    d = alma.experiment.load(exp)
+    d.start()
+    assert d.join(timeout=60)
+    typed: list[object] = []
+    real = alma.frames._docs_of
+
+    def docs_of(chunks: list[alma.frames.Chunk]) -> object:
+        typed.append(real(chunks))
+        return typed[-1]
+
+    monkeypatch.setattr(alma.frames, "_docs_of", docs_of)
+    arrow = alma.experiment.load(exp, readonly=True).results
+    assert typed and typed[0] is not None  # Arrow typed them all
+    monkeypatch.setattr(alma.frames, "_docs_of", lambda chunks: None)
+    exact = alma.experiment.load(exp, readonly=True).results
+    d.close()
+    assert len(arrow) == 18 and (arrow["status"] == "failed").sum() == 3
+    pd.testing.assert_frame_equal(arrow, exact)
+    failed = arrow[arrow["status"] == "failed"]
+    assert (
+        failed["error"].tolist()
+        == ['ValueError: odd\nsecond line \\ with a backslash and a "quote"'] * 3
+    )
+    assert failed["traceback"].str.contains("raise ValueError").all()
+    done = arrow[arrow["status"] == "done"]
+    assert done["label"].str.endswith("∂").all() and done["flag"].dtype == object
+    assert done["nested"].iloc[0] == {"k": [0, 2]} and done["none"].isna().all()
+    assert arrow["error"].isna().sum() == 15 and arrow["extra"].isna().sum() == 9
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["{'when': '2026-01-01'}", "{'v': [iteration, 0.5]}", "[1, 0.5]", "'x' if iteration else 1"],
+    ids=["date text", "list of int and float", "list result", "type changes"],
+)
+def test_results_arrow_would_change_are_decoded_by_json(make_experiment, value: str) -> None:
+    import json
+
+    exp = make_experiment(
+        f"def run(instance, save_callback, state, iteration):\n    return {value}\n",
+        instances=2,
+        iterations=2,
+    )
+    d = alma.experiment.load(exp)
+    d.start()
+    assert d.join(timeout=60)
+    r = d.results
+    d.close()
+    expected = eval(value.replace("iteration", "1"))  # the test's own text
+    got = r.iloc[-1]["result"] if "result" in r else r.iloc[-1][list(expected)].to_dict()
+    assert json.dumps(got) == json.dumps(expected)

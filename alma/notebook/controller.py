@@ -386,8 +386,9 @@ class Controller(widgets.VBox):
                 )
 
     def _read_results(self) -> pd.DataFrame:
-        """The one read of results the Results view makes (swap it for an incremental
-        reader here)."""
+        """The one read of results the Results view makes. The dispatcher keeps the
+        frame it read and merges in the runs committed since, so a read while runs go
+        on costs the new rows (and a copy), not the whole table."""
         d = self._dispatcher
         if d is None:
             import pandas as pd
