@@ -341,10 +341,13 @@ def merge(old: Part, new: Part) -> Part | None:
     if ordering is None:
         return None
     old_key, new_key = ordering
-    kept = ~np.isin(old_key, new_key)
+    # A run committed again (both sorted: one binary search per new run).
+    at = np.minimum(np.searchsorted(old_key, new_key), max(len(old_key) - 1, 0))
+    again = at[old_key[at] == new_key] if len(old_key) else at[:0]
+    kept = slice(None) if not len(again) else np.delete(np.arange(len(old_key)), again)
     key = np.concatenate([old_key[kept], new_key])
     order = np.argsort(key, kind="stable")  # two sorted runs: merged in linear time
-    frame = pd.concat([old.frame[kept], new.frame], ignore_index=True)
+    frame = pd.concat([old.frame.iloc[kept], new.frame], ignore_index=True)
     frame = frame.take(order).reset_index(drop=True)
     keys = [np.concatenate([o[kept], n])[order] for o, n in zip(old.keys, new.keys, strict=True)]
     return Part(frame, (keys[0], keys[1], keys[2]))
