@@ -7,8 +7,9 @@ import contextlib
 import json
 import shutil
 import sqlite3
+import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import pytest
@@ -19,22 +20,65 @@ import alma.frames
 from alma.store import SCHEMA_VERSION, Store
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FIXTURE = FIXTURES / "v01"
 
 
-# -- alma 0.1 (schema 1) --------------------------------------------------------------
+class Old(NamedTuple):
+    """A state file an earlier schema wrote (tests/fixtures/<name>/README.md), and
+    what it holds."""
+
+    name: str
+    version: int
+    run: str  # the run module's source, deterministic (and returning its state)
+    progress: tuple[int, int, int]  # total, done, failed
+    error: str  # of its one failed run
+    key: list[str]  # the columns that name a run
+    resumed: dict[str, Any]  # the run that had saved a checkpoint
+    after: tuple[int, int]  # rows and done runs once resumed
+
+    def copy(self, tmp_path: Path) -> Path:
+        folder = tmp_path / self.name
+        shutil.copytree(FIXTURES / self.name, folder)
+        (folder / "search.py").write_text(textwrap.dedent(self.run))
+        return folder / "search.experiment"
 
 
-@pytest.fixture
-def v01(tmp_path: Path) -> Path:
-    """A copy of the experiment whose state file alma 0.1 wrote (tests/fixtures/v01)."""
-    folder = tmp_path / "v01"
-    shutil.copytree(FIXTURE, folder)
-    (folder / "search.py").write_text(
-        "import os\n\ndef run(instance, save_callback, state):\n"
-        "    return {'score': len(os.path.basename(instance)) * 10 + 1, 'resumed': state}\n"
-    )
-    return folder / "search.experiment"
+OLD = [
+    Old(
+        "v01",
+        1,
+        """
+        import os
+
+        def run(instance, save_callback, state):
+            return {'score': len(os.path.basename(instance)) * 10 + 1, 'resumed': state}
+        """,
+        (9, 6, 1),
+        "ValueError: g2 is odd at iteration 1",
+        ["instance", "iteration"],
+        {"instance": "data/g1.txt", "iteration": 2},
+        (9, 8),
+    ),
+    Old(
+        "v02",
+        2,
+        """
+        import os
+
+        def run(instance, save_callback, state, iteration, k):
+            return {'score': len(os.path.basename(instance)) * 10 + k, 'resumed': state}
+        """,
+        (8, 4, 1),
+        "ValueError: g2.txt is odd at k=2",
+        ["instance", "k", "iteration"],
+        {"instance": "data/g1.txt", "k": 2, "iteration": 1},
+        (8, 7),
+    ),
+]
+
+
+@pytest.fixture(params=OLD, ids=[f"schema {o.version}" for o in OLD])
+def old(request: pytest.FixtureRequest) -> Old:
+    return request.param  # type: ignore[no-any-return]
 
 
 def _version(state: Path) -> int:
@@ -42,124 +86,85 @@ def _version(state: Path) -> int:
         return int(db.execute("PRAGMA user_version").fetchone()[0])
 
 
-def test_a_state_file_of_alma_0_1_is_read_without_being_changed(v01: Path) -> None:
-    state = v01.with_name("search.experiment.sqlite")
+def test_an_old_file_is_read_without_being_changed(old: Old, tmp_path: Path) -> None:
+    exp = old.copy(tmp_path)
+    state = exp.with_name("search.experiment.sqlite")
     before = state.read_bytes()
     with pytest.warns(UserWarning, match="run code changed"):
-        d = alma.experiment.load(v01, readonly=True)
+        d = alma.experiment.load(exp, readonly=True)
     p = d.progress
-    assert (p.total, p.done, p.failed) == (9, 6, 1)
+    assert (p.total, p.done, p.failed) == old.progress
     r = d.results
-    assert len(r) == 7 and r["seed"].notna().all()
-    assert r.loc[r["status"] == "failed", "error"].item() == "ValueError: g2 is odd at iteration 1"
+    assert len(r) == sum(old.progress[1:]) and r["seed"].notna().all()
+    assert r.loc[r["status"] == "failed", "error"].item() == old.error
+    assert len(d.results) == len(r)  # read again: whole again (no commit numbers)
     d.close()
-    assert state.read_bytes() == before and _version(state) == 1
+    assert state.read_bytes() == before and _version(state) == old.version
 
 
-def test_a_state_file_of_alma_0_1_is_migrated_and_resumed(v01: Path) -> None:
-    state = v01.with_name("search.experiment.sqlite")
+def test_an_old_file_is_migrated_and_resumed(old: Old, tmp_path: Path) -> None:
+    exp = old.copy(tmp_path)
+    state = exp.with_name("search.experiment.sqlite")
     with pytest.warns(UserWarning, match="run code changed"):
-        old = alma.experiment.load(v01, readonly=True).results
+        before = alma.experiment.load(exp, readonly=True).results
     with pytest.warns(UserWarning, match="run code changed"):
-        d = alma.experiment.load(v01)
-    d.start()
-    assert d.join(timeout=60) is True
-    assert _version(state) == SCHEMA_VERSION
-    r = d.results
-    assert (len(r), (r["status"] == "done").sum()) == (9, 8)  # the failed run stays failed
-    kept = r.merge(old, on=["instance", "iteration"], suffixes=("", "_old"))
-    assert len(kept) == 7 and (kept["seed"] == kept["seed_old"]).all()
-    assert (kept["finished"] == kept["finished_old"]).all()  # not re-run
-    resumed = r[(r["instance"] == "data/g1.txt") & (r["iteration"] == 2)]
-    assert resumed["resumed"].item() == {"step": 1}  # its 0.1 checkpoint was handed back
-    # The migrated file still grows a grid: the old runs are the empty configuration's.
-    d.close()
-
-
-def test_a_crash_during_migration_leaves_the_old_file_usable(
-    v01: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    state = v01.with_name("search.experiment.sqlite")
-    real = Store._migrate_from_1
-
-    def crash(self: Store, db: sqlite3.Connection) -> None:
-        real(self, db)  # every statement done, the transaction not committed yet
-        raise OSError("power cut")
-
-    monkeypatch.setattr(Store, "_migrate_from_1", crash)
-    with pytest.warns(UserWarning):
-        d = alma.experiment.load(v01)
-    with pytest.raises(OSError, match="power cut"):
-        d.start()
-    assert _version(state) == 1
-    assert not d.running
-    monkeypatch.setattr(Store, "_migrate_from_1", real)
-    with pytest.warns(UserWarning):
-        d = alma.experiment.load(v01)
-    d.start()
-    assert d.join(timeout=60) is True and len(d.results) == 9
-
-
-# -- schema 2 -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def v02(tmp_path: Path) -> Path:
-    """A copy of the experiment whose state file schema 2 wrote (tests/fixtures/v02)."""
-    folder = tmp_path / "v02"
-    shutil.copytree(FIXTURES / "v02", folder)
-    (folder / "search.py").write_text(
-        "import os\n\ndef run(instance, save_callback, state, iteration, k):\n"
-        "    return {'score': len(os.path.basename(instance)) * 10 + k, 'resumed': state}\n"
-    )
-    return folder / "search.experiment"
-
-
-def test_a_schema_2_file_is_read_without_being_changed(v02: Path) -> None:
-    state = v02.with_name("search.experiment.sqlite")
-    before = state.read_bytes()
-    with pytest.warns(UserWarning, match="run code changed"):
-        d = alma.experiment.load(v02, readonly=True)
-    p = d.progress
-    assert (p.total, p.done, p.failed) == (8, 4, 1)
-    r = d.results
-    assert len(r) == 5 and sorted(r["k"]) == [1, 1, 1, 2, 2]
-    assert r.loc[r["status"] == "failed", "error"].item() == "ValueError: g2.txt is odd at k=2"
-    assert len(d.results) == 5  # read again: whole again (no commit numbers in schema 2)
-    d.close()
-    assert state.read_bytes() == before and _version(state) == 2
-
-
-def test_a_schema_2_file_is_migrated_and_resumed(v02: Path) -> None:
-    state = v02.with_name("search.experiment.sqlite")
-    with pytest.warns(UserWarning, match="run code changed"):
-        old = alma.experiment.load(v02, readonly=True).results
-    with pytest.warns(UserWarning, match="run code changed"):
-        d = alma.experiment.load(v02)
+        d = alma.experiment.load(exp)
     d.start()
     assert d.join(timeout=60) is True
     assert _version(state) == SCHEMA_VERSION
     Store(state, "search").validate()  # the migrated file holds only alma's own objects
     r = d.results
-    assert (len(r), (r["status"] == "done").sum()) == (8, 7)  # the failed run stays failed
-    kept = r.merge(old, on=["instance", "k", "iteration"], suffixes=("", "_old"))
-    assert len(kept) == 5 and (kept["seed"] == kept["seed_old"]).all()
+    assert (len(r), (r["status"] == "done").sum()) == old.after  # failed stays failed
+    kept = r.merge(before, on=old.key, suffixes=("", "_old"))
+    assert len(kept) == len(before) and (kept["seed"] == kept["seed_old"]).all()
     assert (kept["finished"] == kept["finished_old"]).all()  # not re-run
-    resumed = r[(r["instance"] == "data/g1.txt") & (r["k"] == 2) & (r["iteration"] == 1)]
+    resumed = r[(r[list(old.resumed)] == pd.Series(old.resumed)).all(axis=1)]
     assert resumed["resumed"].item() == {"step": 1}  # its checkpoint was handed back
     d.close()
 
 
+@pytest.mark.parametrize(
+    ("old", "step"),
+    [(OLD[0], "_migrate_from_1"), (OLD[0], "_migrate_from_2"), (OLD[1], "_migrate_from_2")],
+    ids=["schema 1, step 1", "schema 1, step 2", "schema 2"],
+)
+def test_a_crash_during_a_migration_leaves_the_old_file_usable(
+    old: Old, step: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exp = old.copy(tmp_path)
+    state = exp.with_name("search.experiment.sqlite")
+    real = getattr(Store, step)
+
+    def crash(self: Store, db: sqlite3.Connection) -> None:
+        real(self, db)  # every statement done, the transaction not committed yet
+        raise OSError("power cut")
+
+    monkeypatch.setattr(Store, step, crash)
+    with pytest.warns(UserWarning):
+        d = alma.experiment.load(exp)
+    with pytest.raises(OSError, match="power cut"):
+        d.start()
+    assert _version(state) == old.version
+    assert not d.running
+    monkeypatch.setattr(Store, step, real)
+    with pytest.warns(UserWarning):
+        d = alma.experiment.load(exp)
+    d.start()
+    assert d.join(timeout=60) is True and len(d.results) == old.after[0]
+    d.close()
+
+
 def test_a_new_and_a_migrated_file_hold_the_same_definitions(
-    v02: Path, make_experiment: ExperimentFactory
+    old: Old, tmp_path: Path, make_experiment: ExperimentFactory
 ) -> None:
     exp = make_experiment(params={"k": [1, 2]})
     d = alma.experiment.load(exp)
     d.start()
     assert d.join(timeout=60) is True
     d.close()
+    migrated = old.copy(tmp_path)
     with pytest.warns(UserWarning):
-        m = alma.experiment.load(v02)
+        m = alma.experiment.load(migrated)
     m.start()
     assert m.join(timeout=60) is True
     m.close()
@@ -169,31 +174,8 @@ def test_a_new_and_a_migrated_file_hold_the_same_definitions(
             return set(db.execute("SELECT name, sql FROM sqlite_master"))
 
     fresh = definitions(exp.with_name("example.experiment.sqlite"))
-    assert definitions(v02.with_name("search.experiment.sqlite")) == fresh
+    assert definitions(migrated.with_name("search.experiment.sqlite")) == fresh
     assert any(name == "runs_seq" for name, _ in fresh)
-
-
-def test_a_crash_during_the_migration_from_2_leaves_the_old_file_usable(
-    v02: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    state = v02.with_name("search.experiment.sqlite")
-    real = Store._migrate_from_2
-
-    def crash(self: Store, db: sqlite3.Connection) -> None:
-        real(self, db)
-        raise OSError("power cut")
-
-    monkeypatch.setattr(Store, "_migrate_from_2", crash)
-    with pytest.warns(UserWarning):
-        d = alma.experiment.load(v02)
-    with pytest.raises(OSError, match="power cut"):
-        d.start()
-    assert _version(state) == 2
-    monkeypatch.setattr(Store, "_migrate_from_2", real)
-    with pytest.warns(UserWarning):
-        d = alma.experiment.load(v02)
-    d.start()
-    assert d.join(timeout=60) is True and len(d.results) == 8
 
 
 # -- the results a reader keeps ---------------------------------------------------------
