@@ -218,6 +218,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"runner: pid {runner.pid} on host {runner.host}, {how}, since {runner.since}")
         if runner.log:
             print(f"log: {runner.log}")
+    jobs = dispatcher.jobs
+    if jobs is not None and jobs.total:
+        print(jobs.describe())
     return EXIT_OK
 
 
