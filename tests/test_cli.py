@@ -200,6 +200,21 @@ def test_status_shows_the_batch_jobs_its_runner_recorded(make_experiment, dispat
     assert d.jobs is None and not jobfile.jobs_path(state).exists()
 
 
+def test_the_run_bar_shows_the_batch_jobs_when_there_are_some() -> None:
+    from types import SimpleNamespace
+
+    from tqdm import tqdm
+
+    from alma.records import JobCounts
+
+    p = SimpleNamespace(finished=3, failed=0, running=2)
+    with tqdm(total=10, disable=True) as bar:
+        alma.cli._update(bar, p, None)
+        assert bar.postfix == "failed=0, running=2"
+        alma.cli._update(bar, p, JobCounts(pending=1, running=2, gone=3))
+        assert bar.postfix == "failed=0, running=2, SLURM jobs=1/2/3"
+
+
 def test_a_jobs_record_that_is_not_alma_s_is_ignored(tmp_path: Path) -> None:
     from alma import jobfile
 
