@@ -554,9 +554,9 @@ def _job_start() -> float:
 
 class _KeepBusy(SchedulerPlugin):  # type: ignore[misc]
     """A scheduler plugin (with ``adapt``): adaptive scaling retires only workers with
-    no alma run on them. Dask would otherwise close a busy worker when its estimate of
-    the work left is low (short runs, or runs not timed yet), and the run would start
-    again elsewhere from its last checkpoint."""
+    no alma run on them. Dask's own choice already prefers idle workers; this makes it
+    a guarantee, whatever its estimate of the work left: a retired busy worker would
+    cost its run the steps since its last checkpoint."""
 
     name = "alma-keep-busy"
 
