@@ -121,7 +121,7 @@ def _run(dispatcher: Any, experiment: str | None, quiet: bool) -> int:
             disable=quiet,
         )
         while not asked.is_set() and not dispatcher.join(timeout=0.2) and dispatcher.running:
-            _update(bar, dispatcher.progress)
+            _update(bar, dispatcher.progress, dispatcher.jobs)
         if asked.is_set():
             bar.write(
                 f"alma: pausing; waiting for {dispatcher.progress.running} run(s) "
@@ -129,7 +129,7 @@ def _run(dispatcher: Any, experiment: str | None, quiet: bool) -> int:
             )
             dispatcher.stop()
         p = dispatcher.progress
-        _update(bar, p)
+        _update(bar, p, dispatcher.jobs)
         bar.close()
     finally:
         for s, handler in previous.items():
@@ -193,9 +193,12 @@ def _print_last_error(error: Any, experiment: str | None) -> None:
     )
 
 
-def _update(bar: Any, p: Any) -> None:
+def _update(bar: Any, p: Any, jobs: Any = None) -> None:
     bar.update(p.finished - bar.n)
-    bar.set_postfix(failed=p.failed, running=p.running, refresh=False)
+    postfix: dict[str, Any] = {"failed": p.failed, "running": p.running}
+    if jobs is not None and jobs.total:  # "slurm": the worker jobs, as SLURM said last
+        postfix[f"{jobs.system} jobs"] = f"{jobs.pending}/{jobs.running}/{jobs.gone}"
+    bar.set_postfix(postfix, refresh=False)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -218,6 +221,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"runner: pid {runner.pid} on host {runner.host}, {how}, since {runner.since}")
         if runner.log:
             print(f"log: {runner.log}")
+    jobs = dispatcher.jobs
+    if jobs is not None and jobs.total:
+        print(jobs.describe())
     return EXIT_OK
 
 

@@ -29,12 +29,22 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import control
+from . import control, jobfile
 from .errors import AlmaError, ConfigError, LockedError, Paused
 from .executors import executor_class
 from .lock import ExperimentLock, Holder
 from .plan import Tally
-from .records import Config, ErrorGroup, InFlight, RunError, RunKey, Status, Task, seed_of
+from .records import (
+    Config,
+    ErrorGroup,
+    InFlight,
+    JobCounts,
+    RunError,
+    RunKey,
+    Status,
+    Task,
+    seed_of,
+)
 from .runfunc import make_caller
 from .session import Session, SessionClock, SessionHooks
 from .spec import Spec
@@ -370,6 +380,21 @@ class Dispatcher:
         with ``"executor": "dask"``); None otherwise."""
         session = self._session
         return session.dashboard if session is not None else None
+
+    @property
+    def jobs(self) -> JobCounts | None:
+        """The batch jobs that carry the workers (with ``"executor": "slurm"``): how
+        many are pending, running and gone, as SLURM said at the executor's last look
+        (every 2 s); None when the executor submits no jobs.
+
+        Also while another process runs the experiment (a detached runner, ``alma run``
+        in a terminal): read from ``<state>.jobs``, which that process keeps. Between
+        sessions, the counts the last one ended with (a pause cancels the jobs: all
+        gone). Cheap: no call to SLURM is made here."""
+        session = self._session
+        if session is not None:
+            return session.jobs
+        return jobfile.read(self.spec.state_path, self._oslock.holder_info())
 
     @property
     def in_flight(self) -> list[InFlight]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -220,6 +220,46 @@ class InFlight(NamedTuple):
     checkpointed: float | None
 
 
+class JobCounts(NamedTuple):
+    """The batch jobs an executor submitted for its workers in a session (SLURM's, with
+    ``"slurm"``), as the batch system said at the executor's last look."""
+
+    #: Queued and not running yet (also held, suspended or requeued).
+    pending: int
+    #: Running.
+    running: int
+    #: Submitted in this session and no longer in the queue, or ending: finished,
+    #: cancelled (a pause cancels them), preempted, timed out, failed.
+    gone: int
+    #: Whose jobs: the batch system, as front-ends name it.
+    system: str = "SLURM"
+
+    @property
+    def total(self) -> int:
+        """Jobs submitted in this session."""
+        return self.pending + self.running + self.gone
+
+    def describe(self) -> str:
+        """One line for people: ``SLURM jobs: 1 pending · 2 running · 3 gone``."""
+        return (
+            f"{self.system} jobs: {self.pending} pending · {self.running} running · "
+            f"{self.gone} gone"
+        )
+
+    @classmethod
+    def combine(cls, counts: Iterable[JobCounts | None]) -> JobCounts | None:
+        """The sum of several executors' counts (None when none has jobs)."""
+        present = [c for c in counts if c is not None]
+        if not present:
+            return None
+        return cls(
+            sum(c.pending for c in present),
+            sum(c.running for c in present),
+            sum(c.gone for c in present),
+            present[0].system,
+        )
+
+
 __all__ = [
     "DONE",
     "FAILED",
@@ -228,6 +268,7 @@ __all__ = [
     "Config",
     "ErrorGroup",
     "InFlight",
+    "JobCounts",
     "Outcome",
     "RunError",
     "RunKey",

@@ -21,6 +21,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from . import jobfile
 from .control import StopWatcher
 from .errors import AlmaError, Interrupted, StateError
 from .executors import Executor, executor_class
@@ -29,6 +30,7 @@ from .plan import Plan, Tally, mark, owed_count, plan
 from .records import (
     FAILED,
     CheckpointRecord,
+    JobCounts,
     Outcome,
     RunError,
     RunKey,
@@ -107,6 +109,11 @@ class Session:
         #: kernel's ``stop()``) through the request file that the watcher polls.
         self.stopped_remotely = False
         assert lock.me is not None, "open() takes the lock first"
+        # The executors' batch jobs as last recorded in <state>.jobs (for other
+        # processes); the lock orders the writes of executors' threads and close().
+        self._jobs_lock = threading.Lock()
+        self._jobs_written: JobCounts | None = None
+        self._closed = False
         self._watcher = StopWatcher(spec.state_path, lock.me, self._stop_requested)
 
     @classmethod
@@ -122,6 +129,7 @@ class Session:
         """Take the OS lock and the store's writer; raises LockedError or StateError."""
         lock.acquire()
         try:
+            jobfile.clear(spec.state_path)  # an earlier session's jobs are not ours
             ids = store.open_writer(
                 spec.instances, spec.paths, spec.params, spec.iterations, spec.code_hash
             )
@@ -140,6 +148,7 @@ class Session:
         lifecycle lock but not the mutex (the writer's last callback takes it)."""
         with self._lock:
             self._plan = None  # from now on no task is handed out and no worker added
+        self._record_jobs(final=True)  # while this process still holds the lock
         self._watcher.close()
         self._writer.close()
         self._store.close_writer()
@@ -168,6 +177,30 @@ class Session:
         with self._lock:
             executors = list(self._executors)
         return next((e.dashboard for e in executors if e.dashboard), None)
+
+    @property
+    def jobs(self) -> JobCounts | None:
+        """The executors' batch jobs (None when none submits any)."""
+        with self._lock:
+            executors = list(self._executors)
+        return JobCounts.combine(e.jobs for e in executors)
+
+    def _record_jobs(self, final: bool = False) -> None:
+        """Write the executors' jobs to <state>.jobs when they changed (``final``: the
+        session ends; written once more, marked so). Never fails the session."""
+        counts = self.jobs
+        with self._jobs_lock:
+            if self._closed or counts is None:
+                return
+            if counts == self._jobs_written and not final:
+                return
+            assert self._oslock.me is not None
+            try:
+                jobfile.write(self.spec.state_path, self._oslock.me, counts, final)
+                self._jobs_written = counts
+            except OSError:  # the writer says loudly what is wrong with the folder
+                pass
+            self._closed = final
 
     def in_flight(self) -> list[Task]:
         """The runs executing now."""
@@ -382,6 +415,10 @@ class Session:
             if self._live:
                 return
         self._hooks.idle(self)
+
+    def jobs_changed(self) -> None:
+        """An executor's batch jobs changed: record them for other processes."""
+        self._record_jobs()
 
     def executor_failed(self, exc: BaseException) -> None:
         """An executor's own machinery failed (not a run): show it like a failed run.

@@ -153,6 +153,85 @@ def test_status_prints_the_per_instance_table(make_experiment) -> None:
     assert "5/6 done, 1 failed, 0 pending" in out.stdout
 
 
+#: Holds its worker until the file ``go`` appears next to the experiment.
+GATED_RUN = """
+import os, time
+
+def run(instance, save_callback, state):
+    go = os.path.join(os.path.dirname(os.path.dirname(instance)), "go")
+    while not os.path.exists(go):
+        time.sleep(0.02)
+        save_callback({"waiting": True})
+    return 1
+"""
+
+
+def test_status_shows_the_batch_jobs_its_runner_recorded(make_experiment, dispatchers) -> None:
+    """What a runner on SLURM writes to <state>.jobs (here by hand: no SLURM needed):
+    shown for the process holding the lock, or when final; never a dead runner's."""
+    from alma import jobfile
+    from alma.lock import Holder
+    from alma.records import JobCounts
+
+    exp = make_experiment(GATED_RUN, instances=1, iterations=1)
+    state = Path(f"{exp}.sqlite")
+    d = alma.experiment.load(exp)
+    dispatchers.append(d)
+    d.start()
+    me = d._oslock.me  # the lock holder (this process), as the lock file names it
+    assert me is not None
+    assert d.jobs is None and "jobs" not in alma_cli("status", exp).stdout  # threads: none
+    jobfile.write(state, me, JobCounts(pending=1, running=2, gone=3))
+    out = alma_cli("status", exp)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "SLURM jobs: 1 pending · 2 running · 3 gone"
+    dead = Holder(pid=me.pid + 1, host=me.host, since=me.since)  # not the lock's holder
+    jobfile.write(state, dead, JobCounts(0, 2, 0))
+    assert "jobs" not in alma_cli("status", exp).stdout
+    (exp.parent / "go").touch()
+    assert d.join(timeout=30) is True
+    assert d.jobs is None  # that session's executor submitted none: nothing final
+    jobfile.write(state, dead, JobCounts(0, 0, 4), final=True)  # the last session's end
+    assert d.jobs == JobCounts(0, 0, 4)
+    assert alma_cli("status", exp).stdout.splitlines()[-1] == (
+        "SLURM jobs: 0 pending · 0 running · 4 gone"
+    )
+    d.reset()  # a session opens: an earlier session's jobs are forgotten
+    assert d.jobs is None and not jobfile.jobs_path(state).exists()
+
+
+def test_the_run_bar_shows_the_batch_jobs_when_there_are_some() -> None:
+    from types import SimpleNamespace
+
+    from tqdm import tqdm
+
+    from alma.records import JobCounts
+
+    p = SimpleNamespace(finished=3, failed=0, running=2)
+    with tqdm(total=10, disable=True) as bar:
+        alma.cli._update(bar, p, None)
+        assert bar.postfix == "failed=0, running=2"
+        alma.cli._update(bar, p, JobCounts(pending=1, running=2, gone=3))
+        assert bar.postfix == "failed=0, running=2, SLURM jobs=1/2/3"
+
+
+def test_a_jobs_record_that_is_not_alma_s_is_ignored(tmp_path: Path) -> None:
+    from alma import jobfile
+
+    state = tmp_path / "x.sqlite"
+    path = jobfile.jobs_path(state)
+    for text in ["", "not json", '{"pending": 1}', '{"pending": "x", "running": 0}']:
+        path.write_text(text)
+        assert jobfile.read(state, None) is None
+    path.unlink()
+    target = tmp_path / "elsewhere"
+    target.write_text(
+        '{"pid": 1, "host": "h", "pending": 0, "running": 0, "gone": 1, "final": true}'
+    )
+    path.symlink_to(target)
+    assert jobfile.read(state, None) is None  # never followed
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".json", ".parquet"])
 def test_results_to_file(suffix: str, make_experiment, tmp_path: Path) -> None:
     exp = make_experiment(FAILING_RUN, iterations=2)

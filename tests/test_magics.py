@@ -296,3 +296,23 @@ def test_quickstart_offers_a_reset_for_an_experiment_already_run(
     assert d.finished and d.progress.done == 4
     shell.run_cell(offer.replace("# d.reset()", "d.reset()")).raise_error()
     assert d.progress.done == 0 and d.progress.pending == 4 and not d.finished
+
+
+def test_status_says_how_many_batch_jobs_are_pending_running_and_gone(
+    shell: InteractiveShell,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from alma.records import JobCounts
+
+    exp = write_experiment(tmp_path, {"a.txt": 1})
+    shell.run_line_magic("alma", f"load {exp}")
+    capsys.readouterr()
+    shell.run_line_magic("alma", "status")
+    assert "jobs" not in capsys.readouterr().out  # threads: none
+    monkeypatch.setattr(alma.Dispatcher, "jobs", property(lambda self: JobCounts(1, 2, 3)))
+    shell.run_line_magic("alma", "status")
+    assert (
+        capsys.readouterr().out.rstrip().endswith(" · SLURM jobs: 1 pending · 2 running · 3 gone")
+    )

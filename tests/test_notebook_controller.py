@@ -109,6 +109,25 @@ def test_start_button_runs_to_finished(tmp_path: Path, cleanup: list[Any]) -> No
     assert c.instances.html.count("alma-cell-complete") == 4
 
 
+def test_the_batch_jobs_show_in_one_line_only_when_there_are_some(
+    tmp_path: Path, cleanup: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from alma.records import JobCounts
+
+    d = make_dispatcher(tmp_path, quick_run)
+    c = Controller(d)
+    cleanup += [c, d]
+    assert c.jobs.value == ""  # threads: no jobs, no line
+    jobs: list[JobCounts | None] = [JobCounts(pending=1, running=2, gone=3)]
+    monkeypatch.setattr(type(d), "jobs", property(lambda self: jobs[0]))
+    c.refresh()
+    text = re.sub(r"<[^>]+>", "", c.jobs.value)
+    assert text == "SLURM jobs: 1 pending · 2 running · 3 gone"
+    jobs[0] = JobCounts(0, 0, 0)  # an executor with jobs that has submitted none yet
+    c.refresh()
+    assert c.jobs.value == ""
+
+
 def test_a_grid_shows_counts_per_configuration(tmp_path: Path, cleanup: list[Any]) -> None:
     (tmp_path / "a.txt").write_text("a")
     (tmp_path / "b.txt").write_text("b")

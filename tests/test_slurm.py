@@ -27,6 +27,7 @@ from helpers import ExperimentFactory, alma_cli, python_env, wait_until
 
 import alma
 import alma.experiment
+from alma.records import JobCounts
 
 pytest.importorskip("distributed")
 
@@ -274,6 +275,76 @@ def test_pause_cancels_the_jobs_and_resume_submits_new_ones(
     assert wait_until(lambda: not our_jobs(slurm["job_name"]), timeout=30)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_jobs_are_counted_while_running_and_gone_after_pause(
+    make_experiment: ExperimentFactory, dispatchers: list[Any], slurm: dict[str, Any]
+) -> None:
+    """3 single-core jobs on the 2-core node: 2 run, 1 waits. ``alma status`` (another
+    process, with no executor) shows what the runner saw; a pause cancels all three."""
+    exp = make_experiment(
+        stepping(30, 0.3), instances=3, iterations=2, workers=3, executor={"slurm": slurm}
+    )
+    d = load(exp, dispatchers)
+    assert d.jobs is None  # nothing submitted yet
+    d.start()
+    waiting = JobCounts(pending=1, running=2, gone=0)
+    assert wait_until(lambda: d.jobs == waiting, timeout=60, interval=0.1)
+    assert sorted(our_jobs(slurm["job_name"]).values()) == ["PENDING", "RUNNING", "RUNNING"]
+    status = alma_cli("status", exp)
+    assert status.returncode == 0, status.stderr
+    assert "SLURM jobs: 1 pending · 2 running · 0 gone" in status.stdout.splitlines(), status.stdout
+    assert d.stop(timeout=60) is True
+    assert d.jobs == JobCounts(pending=0, running=0, gone=3)
+    assert wait_until(lambda: not our_jobs(slurm["job_name"]), timeout=30)
+    status = alma_cli("status", exp)
+    assert "SLURM jobs: 0 pending · 0 running · 3 gone" in status.stdout.splitlines(), status.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_adaptive_scaling_gives_the_table_of_threads_across_a_pause(
+    make_experiment: ExperimentFactory, dispatchers: list[Any], slurm: dict[str, Any]
+) -> None:
+    """``"adapt"``: Dask's adaptive scaling between 1 job and ``workers``; a pause
+    cancels its jobs, a resume adapts again, and the results are those of threads."""
+    exp = make_experiment(stepping(3, 0.3), instances=4, iterations=2, workers=2)
+    columns = ["instance", "iteration", "status", "size"]
+    d = load(exp, dispatchers)
+    d.start()
+    assert d.join(timeout=60) is True
+    d.close()
+    threads = all_done_once(d, 8)[columns]
+    assert d.jobs is None  # threads submit no jobs
+    fields = json.loads(exp.read_text())
+    fields["executor"] = {"slurm": {**slurm, "adapt": {"minimum": 1, "interval": 0.5}}}
+    exp.write_text(json.dumps(fields))
+    Path(f"{exp}.sqlite").unlink()
+    d = load(exp, dispatchers)
+    d.start()
+    assert wait_until(lambda: d.progress.done >= 2, timeout=60, interval=0.1)
+    running = d.jobs
+    assert running is not None and 1 <= running.running + running.pending <= 2, running
+    assert d.stop(timeout=60) is True
+    paused = d.jobs
+    assert paused is not None and paused.pending == paused.running == 0 and paused.gone >= 1
+    assert wait_until(lambda: not our_jobs(slurm["job_name"]), timeout=30)
+    d.start()
+    assert wait_until(lambda: d.jobs is not None and d.jobs.running >= 1, timeout=60)
+    assert d.join(timeout=120) is True
+    on_slurm = all_done_once(d, 8)
+    # Only the pause cut runs off (at most one per worker): adaptive scaling retired
+    # no worker with a run on it.
+    assert (on_slurm["interruptions"] > 0).sum() <= 2, on_slurm[["instance", "interruptions"]]
+    key = ["instance", "iteration"]
+    assert (
+        threads.sort_values(key)
+        .reset_index(drop=True)
+        .equals(on_slurm[columns].sort_values(key).reset_index(drop=True))
+    )
+    assert wait_until(lambda: not our_jobs(slurm["job_name"]), timeout=30)
+
+
 # -- no cluster needed ---------------------------------------------------------------
 
 
@@ -388,3 +459,86 @@ def test_a_worker_near_its_deadline_takes_no_run_then_hands_back() -> None:
     assert sigterm.may_start()
     sigterm.leaving.set()
     assert sigterm.must_leave() and not sigterm.may_start()
+
+
+def test_job_counts_read_as_squeue_says() -> None:
+    from alma.executors.slurm import count_jobs
+
+    states = {
+        "1": "PENDING",
+        "2": "RUNNING",
+        "3": "COMPLETING",  # ending: its worker is gone
+        "4": "CONFIGURING",  # nodes booting: not running yet
+        "5": "SUSPENDED",
+        "6": "TIMEOUT",
+    }
+    ids = ["1", "2", "3", "4", "5", "6", "7", "8"]  # 7, 8: no longer in the queue
+    counts = count_jobs(ids, states, gone={"8"})
+    assert counts == JobCounts(pending=3, running=1, gone=4)
+    assert counts.total == 8
+    assert counts.describe() == "SLURM jobs: 3 pending · 1 running · 4 gone"
+    assert count_jobs([], {}, set()) == JobCounts(0, 0, 0)
+    assert JobCounts.combine([None, JobCounts(1, 2, 3), JobCounts(0, 1, 1)]) == (1, 3, 4, "SLURM")
+    assert JobCounts.combine([None]) is None
+
+
+@pytest.mark.parametrize(
+    ("adapt", "said"),
+    [
+        ({"minimum": -1}, r'"minimum" is a whole number of worker processes >= 0, got -1'),
+        ({"minimum": 1.5}, r'"minimum" is a whole number'),
+        ({"minimum": True}, r'"minimum" is a whole number'),
+        ({"maximum": 4}, r'takes no "maximum": it is the experiment\'s "workers"'),
+        ({"minimum": 1, "minmum": 2}, r"unknown key\(s\) \['minmum'\]; it takes minimum, interval"),
+        ({"interval": 0}, r'"interval" is a number of seconds > 0, got 0'),
+        ({"target_duration": "5s"}, r'"target_duration" is a number of seconds > 0'),
+        ({"wait_count": 0}, r'"wait_count" is a whole number >= 1'),
+        ("yes", r'"adapt" is true, false or an object, got \'yes\''),
+    ],
+)
+def test_bad_adapt_is_a_config_error_naming_the_field_and_the_fix(
+    make_experiment: ExperimentFactory, adapt: Any, said: str
+) -> None:
+    pytest.importorskip("dask_jobqueue")
+    exp = make_experiment(executor={"slurm": {"adapt": adapt}})
+    with pytest.raises(alma.ConfigError, match=said) as caught:
+        alma.experiment.load(exp)
+    message = str(caught.value)
+    assert "field 'executor'" in message and '"adapt"' in message
+    assert "Write for example" in message or 'Remove "maximum"' in message
+
+
+def test_adapt_options_are_alma_s_and_never_reach_slurmcluster(
+    make_experiment: ExperimentFactory,
+) -> None:
+    pytest.importorskip("dask_jobqueue")
+    from alma.executors.slurm import SlurmExecutor
+
+    for adapt, parsed in [
+        (True, {"minimum": 0}),
+        (False, None),
+        ({}, {"minimum": 0}),
+        (
+            {"minimum": 3, "interval": 0.5, "wait_count": 2},
+            {"minimum": 3, "interval": 0.5, "wait_count": 2},
+        ),
+    ]:
+        exp = make_experiment(executor={"slurm": {"adapt": adapt, "cores": 2}}, workers=5)
+        spec = alma.experiment.load(exp, readonly=True).spec
+        assert spec.executor.options["adapt"] == parsed
+        executor = SlurmExecutor(print, 5, options=spec.executor.options)
+        assert executor.adapt == parsed and executor.max_jobs == 3  # 5 workers, 2 per job
+        assert "adapt" not in executor.cluster_options
+
+
+def test_adaptive_scaling_retires_no_worker_with_a_run_on_it() -> None:
+    pytest.importorskip("distributed")
+    from types import SimpleNamespace
+
+    from alma.executors.slurm import _KeepBusy
+
+    def worker(*keys: str) -> Any:
+        return SimpleNamespace(processing=[SimpleNamespace(key=k) for k in keys])
+
+    idle, busy, other = worker(), worker("alma-run-alma-0123-0-0-0-1"), worker("sum-abc")
+    assert _KeepBusy().valid_workers_downscaling(None, [idle, busy, other]) == [idle, other]

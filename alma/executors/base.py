@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from ..errors import Interrupted
-from ..records import DONE, FAILED, Outcome, Task
+from ..records import DONE, FAILED, JobCounts, Outcome, Task
 from ..runfunc import Caller
 from ..values import to_json
 
@@ -63,6 +63,10 @@ class RunSource(Protocol):
 
     def executor_failed(self, exc: BaseException) -> None:
         """The executor's own machinery failed (not a run); shown to the user."""
+
+    def jobs_changed(self) -> None:
+        """The executor's :attr:`Executor.jobs` changed (it looked at its batch jobs):
+        the session records them for other processes (``alma status``)."""
 
 
 class Executor(ABC):
@@ -133,6 +137,15 @@ class Executor(ABC):
     @property
     def dashboard(self) -> str | None:
         """A web page showing this executor at work (e.g. Dask's dashboard), if any."""
+        return None
+
+    @property
+    def jobs(self) -> JobCounts | None:
+        """The batch jobs this executor submitted for its workers (pending, running,
+        gone), as the batch system said at its last look; None for an executor that
+        submits none. One that has jobs calls ``source.jobs_changed()`` whenever these
+        counts change, and once more after its last look (e.g. once the jobs are
+        cancelled), before ``executor_done()``."""
         return None
 
     def stop(self) -> None:  # noqa: B027 - optional hook

@@ -46,13 +46,14 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import AlmaError, ConfigError
+from ..records import JobCounts
 from . import dask as dask_executor
 from .base import RunSource
 
 try:
-    from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
+    from distributed.diagnostics.plugin import NannyPlugin, SchedulerPlugin, WorkerPlugin
 except ImportError:  # parse_options says what to install
-    NannyPlugin = WorkerPlugin = object  # type: ignore[assignment,misc]
+    NannyPlugin = SchedulerPlugin = WorkerPlugin = object  # type: ignore[assignment,misc]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ MEMORY_PER_CORE_GB = 1
 WALLTIME_MARGIN = 60.0
 #: Jobs that may end before their worker connected, in a row, before alma gives up.
 MAX_FAILED_JOBS = 3
-#: Seconds between looks at the jobs (``squeue``), to replace those that left.
+#: Seconds between looks at the jobs (one ``squeue`` of this session's job ids): to
+#: replace those that left, and to count them (:attr:`SlurmExecutor.jobs`).
 MONITOR_INTERVAL = 2.0
 #: Seconds ``sbatch --test-only`` and ``squeue`` may take.
 SLURM_COMMAND_TIMEOUT = 30.0
@@ -82,6 +84,18 @@ _ENDED = {
     "PREEMPTED",
     "TIMEOUT",
 }
+#: SLURM states of a job counted as running; ending jobs (COMPLETING, STAGE_OUT) and
+#: those above count as gone, any other state of a queued job as pending (PENDING,
+#: CONFIGURING, REQUEUED, SUSPENDED, held, ...).
+_RUNNING = {"RUNNING", "SIGNALING", "RESIZING"}
+_ENDING = {"COMPLETING", "STAGE_OUT", "REVOKED"}
+#: The keys of the ``"adapt"`` option: alma's ``minimum`` (worker processes, as
+#: ``workers``), and Dask's ``Adaptive`` keywords passed on (seconds, and a count).
+ADAPT_KEYS = ("minimum", "interval", "target_duration", "wait_count")
+_ADAPT_FIX = (
+    'Write for example "adapt": {"minimum": 1} (worker processes kept while the '
+    'experiment runs, at most "workers"), or "adapt": true (minimum 0).'
+)
 _IMPORT_LOCK = threading.Lock()
 
 
@@ -131,6 +145,68 @@ def _script_walltime(script: str) -> float | None:
     return parse_walltime(found[-1]) if found else None
 
 
+def parse_adapt(value: Any) -> dict[str, Any] | None:
+    """The ``"adapt"`` option: None (scale to ``workers`` jobs), or the keywords for
+    ``cluster.adapt`` (``minimum`` in worker processes; the maximum is ``workers``)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {"minimum": 0}
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f'"slurm" option "adapt" is true, false or an object, got {value!r}. ' + _ADAPT_FIX
+        )
+    if "maximum" in value:
+        raise ConfigError(
+            '"slurm" option "adapt" takes no "maximum": it is the experiment\'s "workers" '
+            '(runs at a time). Remove "maximum" and set "workers" instead.'
+        )
+    unknown = sorted(set(value) - set(ADAPT_KEYS), key=str)
+    if unknown:
+        raise ConfigError(
+            f'"slurm" option "adapt": unknown key(s) {unknown}; it takes '
+            + ", ".join(ADAPT_KEYS)
+            + ". "
+            + _ADAPT_FIX
+        )
+    out = dict(value)
+    minimum = out.setdefault("minimum", 0)
+    if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 0:
+        raise ConfigError(
+            f'"slurm" option "adapt": "minimum" is a whole number of worker processes '
+            f">= 0, got {minimum!r}. " + _ADAPT_FIX
+        )
+    for key in ("interval", "target_duration"):
+        seconds = out.get(key, 1)
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+            raise ConfigError(
+                f'"slurm" option "adapt": "{key}" is a number of seconds > 0, got '
+                f'{seconds!r}. Write for example "adapt": {{"minimum": 1, "{key}": 5}}.'
+            )
+    wait = out.get("wait_count", 1)
+    if isinstance(wait, bool) or not isinstance(wait, int) or wait < 1:
+        raise ConfigError(
+            f'"slurm" option "adapt": "wait_count" is a whole number >= 1, got {wait!r}. '
+            'Write for example "adapt": {"minimum": 1, "wait_count": 3}.'
+        )
+    return out
+
+
+def count_jobs(ids: list[str], states: dict[str, str], gone: set[str]) -> JobCounts:
+    """Jobs ``ids`` (submitted this session) by what SLURM says: ``states`` from
+    ``squeue`` (a job it does not list has left the queue), ``gone`` those seen gone."""
+    pending = running = left = 0
+    for job in ids:
+        state = states.get(job)
+        if job in gone or state is None or state in _ENDED or state in _ENDING:
+            left += 1
+        elif state in _RUNNING:
+            running += 1
+        else:
+            pending += 1
+    return JobCounts(pending, running, left)
+
+
 class SlurmExecutor(dask_executor.DaskExecutor):
     """The Dask executor on worker jobs it submits to SLURM."""
 
@@ -139,7 +215,7 @@ class SlurmExecutor(dask_executor.DaskExecutor):
     @classmethod
     def parse_options(cls, options: Any) -> Any:
         """SLURMCluster keyword arguments (any of them) plus alma's ``walltime_margin``
-        (seconds); dask-jobqueue must be installed. Returns a dict."""
+        (seconds) and ``adapt``; dask-jobqueue must be installed. Returns a dict."""
         if options is None:
             options = {}
         if not isinstance(options, dict):
@@ -152,6 +228,8 @@ class SlurmExecutor(dask_executor.DaskExecutor):
             if "queue" in options:
                 raise ValueError("partition and queue are the same SLURMCluster option: give one")
             options["queue"] = options.pop("partition")
+        if "adapt" in options:
+            options["adapt"] = parse_adapt(options["adapt"])
         margin = options.get("walltime_margin", WALLTIME_MARGIN)
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
             raise ValueError(f"walltime_margin is a number of seconds >= 0, got {margin!r}")
@@ -167,6 +245,8 @@ class SlurmExecutor(dask_executor.DaskExecutor):
         super().__init__(*args, **kwargs)
         options = dict(self.options)
         self.margin = float(options.pop("walltime_margin", WALLTIME_MARGIN))
+        #: ``cluster.adapt`` keywords (``minimum`` in worker processes), or None: scale.
+        self.adapt: dict[str, Any] | None = options.pop("adapt", None)
         self.cluster_options = {**DEFAULTS, **options}
         cores = self.cluster_options["cores"]
         self.cluster_options.setdefault("processes", cores)
@@ -178,10 +258,14 @@ class SlurmExecutor(dask_executor.DaskExecutor):
             options.get("scheduler_options")
         )
         # `workers` is runs at a time, as everywhere: jobs of `processes` workers each.
-        self.jobs = math.ceil(self.workers / int(self.cluster_options["processes"]))
+        self.max_jobs = math.ceil(self.workers / int(self.cluster_options["processes"]))
         self._monitor: threading.Thread | None = None
         self._done = threading.Event()
         self._source: RunSource | None = None
+        self._job_ids: dict[str, None] = {}  # every job id submitted, in order
+        self._gone: set[str] = set()  # those seen out of the queue (never back)
+        self._counts: JobCounts | None = None
+        self._looking = threading.Lock()
 
     def start(self, source: RunSource) -> None:
         if shutil.which("sbatch") is None:
@@ -210,7 +294,14 @@ class SlurmExecutor(dask_executor.DaskExecutor):
             cluster.scheduler_address,
             cluster.dashboard_link,
         )
-        cluster.scale(jobs=self.jobs)
+        if self.adapt is not None:
+            client.register_plugin(_KeepBusy(), name="alma-keep-busy")
+            adapt = dict(self.adapt)
+            processes = int(self.cluster_options["processes"])
+            minimum = min(math.ceil(adapt.pop("minimum") / processes), self.max_jobs)
+            cluster.adapt(minimum_jobs=minimum, maximum_jobs=self.max_jobs, **adapt)
+        else:
+            cluster.scale(jobs=self.max_jobs)
         self._monitor = threading.Thread(
             target=self._watch_jobs, args=(cluster, client), name="alma-slurm-jobs", daemon=True
         )
@@ -253,38 +344,73 @@ class SlurmExecutor(dask_executor.DaskExecutor):
         return address[len("tcp://") :].rpartition(":")[0].strip("[]") or None
 
     def _shutdown(self) -> None:
-        """Stop watching the jobs, then close the cluster: that cancels them."""
+        """Stop watching the jobs, then close the cluster: that cancels them; a last
+        look counts them gone (or says which are not)."""
         self._done.set()
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(MONITOR_INTERVAL + SLURM_COMMAND_TIMEOUT)
         super()._shutdown()
+        try:
+            self._look({})
+        except Exception:
+            log.debug("looking at the SLURM jobs after closing the cluster failed", exc_info=True)
+
+    @property
+    def jobs(self) -> JobCounts | None:
+        """The worker jobs submitted in this session, as SLURM said at the last look
+        (every MONITOR_INTERVAL seconds); None before the first."""
+        return self._counts
 
     # -- the jobs ----------------------------------------------------------------------
 
+    def _look(self, jobs: dict[str, Any]) -> dict[str, str]:
+        """One ``squeue`` for this session's jobs still in the queue (``jobs``: the
+        cluster's, name -> id, added to them): counts them, tells the session when the
+        counts change, returns id -> state for the jobs SLURM lists."""
+        with self._looking:
+            for job_id in jobs.values():
+                if job_id:
+                    self._job_ids.setdefault(str(job_id), None)
+            ask = [i for i in self._job_ids if i not in self._gone]
+            states = _job_states(ask)
+            self._gone.update(i for i in ask if i not in states or states[i] in _ENDED)
+            counts = count_jobs(list(self._job_ids), states, self._gone)
+            changed = counts != self._counts
+            self._counts = counts
+        if changed and self._source is not None:
+            self._source.jobs_changed()
+        return states
+
     def _watch_jobs(self, cluster: Any, client: Any) -> None:
-        """Replace jobs that left while runs are owed; give up on jobs that never start."""
+        """Count the jobs; replace jobs that left while runs are owed (with ``adapt``,
+        forget them: Dask's adaptive scaling submits others as needed); give up on
+        jobs that never start."""
         connected: set[str] = set()  # job names whose worker connected once
         counted: set[str] = set()  # job names seen gone
         failed_in_a_row, last = 0, None
         while not self._done.wait(MONITOR_INTERVAL):
-            if self._stopping:
-                continue
             try:
                 jobs = {name: job.job_id for name, job in list(cluster.workers.items())}
+                states = self._look(jobs)
+                if self._stopping:
+                    continue
                 workers = client.scheduler_info(n_workers=-1)["workers"].values()
                 names = {str(w.get("name", "")) for w in workers}
                 connected |= {
                     j for j in jobs if j in names or any(n.startswith(f"{j}-") for n in names)
                 }
-                ids = [str(i) for i in jobs.values() if i]
-                states = _job_states(ids)
+                # Read after squeue: a job the cluster cancels itself (adaptive scaling
+                # down, closing) leaves its plan before it is cancelled.
+                planned = set(cluster.worker_spec)
             except Exception:
                 log.debug("looking at the SLURM jobs failed", exc_info=True)
                 continue
             gone = [
                 name
                 for name, job_id in jobs.items()
-                if job_id and states.get(str(job_id), "GONE") in (_ENDED | {"GONE"})
+                if job_id
+                and name in planned
+                and states.get(str(job_id), "GONE") in (_ENDED | {"GONE"})
             ]
             for name in gone:
                 if name not in counted:
@@ -294,12 +420,17 @@ class SlurmExecutor(dask_executor.DaskExecutor):
             if failed_in_a_row >= MAX_FAILED_JOBS:
                 self._jobs_fail(last)
                 return
+            if not gone:
+                continue
+            if self.adapt is not None:  # adaptive scaling replaces them if needed
+                cluster.loop.add_callback(_replace, cluster, gone, None)
+                continue
             with self._lock:
                 owed = bool(self._futures)  # runs submitted: someone must run them
-            if not gone or not owed:
+            if not owed:
                 continue
             log.info("SLURM jobs %s left; submitting others", [jobs[n] for n in gone])
-            cluster.loop.add_callback(_replace, cluster, gone, self.jobs)
+            cluster.loop.add_callback(_replace, cluster, gone, self.max_jobs)
 
     def _jobs_fail(self, job_id: Any) -> None:
         """Jobs end before their worker starts: stop the experiment and say why."""
@@ -368,13 +499,15 @@ def _loopback_dashboard(scheduler: dict[str, Any] | None) -> dict[str, Any]:
     return {"dashboard_address": "127.0.0.1:0", **scheduler}
 
 
-def _replace(cluster: Any, names: list[str], jobs: int) -> None:
-    """On the cluster's loop: forget the jobs that left, submit new ones (new names, so
-    the cluster's own clean-up of the old ones cannot cancel the new)."""
+def _replace(cluster: Any, names: list[str], jobs: int | None) -> None:
+    """On the cluster's loop: forget the jobs that left, submit new ones up to ``jobs``
+    (new names, so the cluster's own clean-up of the old ones cannot cancel the new);
+    ``jobs`` None: adaptive scaling submits them, seeing fewer jobs planned."""
     for name in names:
         cluster.worker_spec.pop(name, None)
         cluster.workers.pop(name, None)
-    cluster.scale(jobs=jobs)
+    if jobs is not None:
+        cluster.scale(jobs=jobs)
 
 
 def _job_states(ids: list[str]) -> dict[str, str]:
@@ -417,6 +550,22 @@ def _job_start() -> float:
         with contextlib.suppress(Exception):
             return float(psutil.Process(int(pid or 0)).create_time())
     return time.time()
+
+
+class _KeepBusy(SchedulerPlugin):  # type: ignore[misc]
+    """A scheduler plugin (with ``adapt``): adaptive scaling retires only workers with
+    no alma run on them. Dask's own choice already prefers idle workers; this makes it
+    a guarantee, whatever its estimate of the work left: a retired busy worker would
+    cost its run the steps since its last checkpoint."""
+
+    name = "alma-keep-busy"
+
+    def valid_workers_downscaling(self, scheduler: Any, workers: list[Any]) -> list[Any]:
+        return [
+            ws
+            for ws in workers
+            if not any(str(ts.key).startswith("alma-run-") for ts in ws.processing)
+        ]
 
 
 class _NannyEdges(NannyPlugin):  # type: ignore[misc]
@@ -484,10 +633,13 @@ async def _leave_when_told(worker: Any) -> None:
 
 
 __all__ = [
+    "ADAPT_KEYS",
     "DEFAULTS",
     "WALLTIME_MARGIN",
     "SlurmExecutor",
+    "count_jobs",
     "import_jobqueue",
     "job_script",
+    "parse_adapt",
     "parse_walltime",
 ]

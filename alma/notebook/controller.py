@@ -116,6 +116,7 @@ class Controller(widgets.VBox):
         self.bar = _make_bar(dispatcher.spec.total)
         self.counts = _html("alma-counts")
         self.configs = _html("alma-configs")  # with "params": counts per configuration
+        self.jobs = _html("alma-jobs")  # with "slurm": the worker jobs, from Dispatcher.jobs
         self.message = _html("alma-message")
         self.busy = _html("alma-busy")
         self.error, self.error_text = _folded("alma-error", hidden=True)
@@ -141,6 +142,7 @@ class Controller(widgets.VBox):
             self.bar.container,
             self.counts,
             self.configs,
+            self.jobs,
             self.busy,
             self.message,
             self.error,
@@ -250,6 +252,7 @@ class Controller(widgets.VBox):
             self.status_label,
             self.counts,
             self.configs,
+            self.jobs,
             self.message,
             self.busy,
             self.error,
@@ -373,6 +376,7 @@ class Controller(widgets.VBox):
                 self._draw_bar(p, status, halted is not None)
                 if slow_parts:  # the bar says how far it is 4 times a second already
                     self.counts.value = render.counts_html(p)
+                    self.jobs.value = render.jobs_html(d.jobs)
                 self.message.value = render.message_html(self._message)
                 self.busy.value = render.busy_html(_busy_note(status) or self._note)
                 self._draw_errors(d, p, halted, now)

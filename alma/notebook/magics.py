@@ -41,7 +41,8 @@ HELP = """\
                        kernel (close the notebook, come back, %alma stop)
   %alma stop           pause: no new runs, in-flight runs end and are saved
                        (also when another process or a detached runner runs it)
-  %alma status         one line: status, counts, rate, ETA
+  %alma status         one line: status, counts, rate, ETA (and the SLURM
+                       jobs: pending, running, gone)
   %alma results        DataFrame of finished runs   (df = %alma results)
   %alma state          DataFrame per instance       (df = %alma state)
   %alma retry          run the failed runs again
@@ -238,6 +239,9 @@ def _summary(d: Dispatcher) -> str:
         line += f" · {p.rate:.1f} runs/s"
         if p.eta is not None:
             line += f", ETA {p.eta:.0f} s"
+    jobs = d.jobs
+    if jobs is not None and jobs.total:
+        line += f" · {jobs.describe()}"
     return line
 
 

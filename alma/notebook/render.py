@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..dispatcher import Progress
-    from ..records import ErrorGroup, InFlight, RunError
+    from ..records import ErrorGroup, InFlight, JobCounts, RunError
 
 #: Text: the theme's main and secondary font colours.
 TEXT = "var(--jp-ui-font-color1, rgba(0, 0, 0, 0.87))"
@@ -83,6 +83,21 @@ def counts_html(p: Progress) -> str:
     return (
         f"<span style='font-family:var(--jp-code-font-family, monospace);color:{TEXT}'>"
         f"{' · '.join(spans)} · total <b>{p.total}</b></span>"
+    )
+
+
+def jobs_html(jobs: JobCounts | None) -> str:
+    """The batch jobs carrying the workers, one line (``SLURM jobs: 1 pending · 2
+    running · 3 gone``); nothing when the executor has none."""
+    if jobs is None or not jobs.total:
+        return ""
+    counts = " · ".join(
+        f"<span class='alma-jobs-{k}'><b>{getattr(jobs, k)}</b> {k}</span>"
+        for k in ("pending", "running", "gone")
+    )
+    return (
+        f"<span style='font-family:var(--jp-code-font-family, monospace);color:{TEXT}'>"
+        f"{html.escape(jobs.system)} jobs: {counts}</span>"
     )
 
 
