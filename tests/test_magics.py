@@ -296,3 +296,44 @@ def test_quickstart_offers_a_reset_for_an_experiment_already_run(
     assert d.finished and d.progress.done == 4
     shell.run_cell(offer.replace("# d.reset()", "d.reset()")).raise_error()
     assert d.progress.done == 0 and d.progress.pending == 4 and not d.finished
+
+
+def test_a_finished_experiment_says_so_and_shows_how_to_reset(
+    shell: InteractiveShell, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    exp = write_experiment(tmp_path, {"a.txt": 1, "bad.txt": 1})
+    shell.run_line_magic("alma", f"load {exp}")
+    assert "already finished" not in capsys.readouterr().out  # nothing ran yet
+    shell.run_line_magic("alma", "start")
+    assert "already finished" not in capsys.readouterr().out
+    d = magics_of(shell).dispatcher
+    assert d is not None and d.join(timeout=30)
+    hint = (
+        "m has already finished (2/4 done, 2 failed): nothing is left to run. To run it "
+        "again: %alma reset forgets every finished run (it deletes them from the state "
+        "file), %alma reset --failed only the failed ones; then %alma start."
+    )
+    shell.run_line_magic("alma", f"load {exp}")  # e.g. the notebook opened the next day
+    assert capsys.readouterr().out.strip().endswith(f"\n{hint}")  # under the display
+    shell.run_line_magic("alma", "start")  # nothing owed: it says so instead of nothing
+    out = capsys.readouterr().out
+    assert out.startswith("m: finished · 2/4 done, 2 failed") and out.strip().endswith(hint)
+    shell.run_line_magic("alma", "reset --failed  # run the two failures again")
+    assert "2 failed run(s) forgotten." in capsys.readouterr().out
+    shell.run_line_magic("alma", "start")
+    assert "already finished" not in capsys.readouterr().out
+
+
+def test_magics_notebook_offers_a_reset_before_starting() -> None:
+    """Right after its load cell, the magics notebook shows both resets commented out,
+    so a top-to-bottom run keeps the results of an experiment already finished."""
+    nb = nbformat.read(NOTEBOOKS / "magics.ipynb", as_version=4)
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    load = next(i for i, s in enumerate(code) if s.startswith("%alma load"))
+    offer = code[load + 1]
+    assert code.index("%alma start") > load + 1
+    lines = offer.splitlines()
+    assert lines[0].startswith("# %alma reset ") and lines[1].startswith("# %alma reset --failed")
+    assert lines[-1] == "%alma status"
+    between = nb.cells.index(next(c for c in nb.cells if c.source == offer)) - 1
+    assert "%alma reset --failed" in nb.cells[between].source  # the markdown explains both

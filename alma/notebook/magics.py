@@ -90,7 +90,7 @@ class AlmaMagics(Magics):
     def alma(self, line: str = "") -> Any:
         """Run an alma experiment from notebook cells; ``%alma`` alone shows help."""
         try:
-            words = shlex.split(line)
+            words = shlex.split(line, comments=True)  # `%alma reset  # why`
         except ValueError as exc:
             raise _usage(f"%alma: cannot parse {line!r}: {exc}") from None
         if not words:
@@ -118,6 +118,9 @@ class AlmaMagics(Magics):
     def _load(self, path: str) -> None:
         self.dispatcher = _load(path)
         _show(self.dispatcher)
+        hint = _finished_hint(self.dispatcher)
+        if hint:
+            print(hint)
 
     def _start(self, path: str | None = None, detach: bool = False) -> None:
         if path is not None:
@@ -126,6 +129,9 @@ class AlmaMagics(Magics):
         d.start(detach=detach)
         _resync(d)
         print(_summary(d))
+        hint = _finished_hint(d)
+        if hint:
+            print(hint)
 
     def _stop(self) -> None:
         d = self._current("stop")
@@ -218,6 +224,19 @@ def _resync(d: Dispatcher) -> None:
         controller.resync()
         if d.running or d.running_elsewhere:
             controller.follow()
+
+
+def _finished_hint(d: Dispatcher) -> str | None:
+    """What to do with an experiment that has nothing left to run (None otherwise)."""
+    if d.running or d.runner is not None or not d.finished:
+        return None
+    p = d.progress
+    return (
+        f"{d.spec.name} has already finished ({p.done}/{p.total} done, {p.failed} failed): "
+        "nothing is left to run. To run it again: %alma reset forgets every finished run "
+        "(it deletes them from the state file), %alma reset --failed only the failed ones; "
+        "then %alma start."
+    )
 
 
 def _summary(d: Dispatcher) -> str:
