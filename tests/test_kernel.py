@@ -182,6 +182,13 @@ def persisted(exp: Path) -> tuple[int, set[tuple[str, int]]]:
         d.close()
 
 
+def test_kernels_import_the_alma_under_test(tmp_path: Path, kernel: Kernel) -> None:
+    """A kernel runs in a folder of its own: it must still import this checkout's alma
+    (conftest.py puts it first on PYTHONPATH), or every kernel test tests another."""
+    where = kernel.eval("__import__('alma').__file__")
+    assert Path(where).resolve() == (Path(alma.__file__)).resolve(), where
+
+
 # -- notebooks -----------------------------------------------------------------------
 
 
