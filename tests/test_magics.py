@@ -318,6 +318,9 @@ def test_a_finished_experiment_says_so_and_shows_how_to_reset(
     shell.run_line_magic("alma", "start")  # nothing owed: it says so instead of nothing
     out = capsys.readouterr().out
     assert out.startswith("m: finished · 2/4 done, 2 failed") and out.strip().endswith(hint)
+    shell.run_line_magic("alma", f"start {exp}")  # load and start: said once
+    out = capsys.readouterr().out
+    assert out.count("has already finished") == 1 and out.strip().endswith(hint)
     shell.run_line_magic("alma", "reset --failed  # run the two failures again")
     assert "2 failed run(s) forgotten." in capsys.readouterr().out
     shell.run_line_magic("alma", "start")

@@ -115,16 +115,16 @@ class AlmaMagics(Magics):
 
     # -- subcommands -----------------------------------------------------------------
 
-    def _load(self, path: str) -> None:
+    def _load(self, path: str, hint: bool = True) -> None:
         self.dispatcher = _load(path)
         _show(self.dispatcher)
-        hint = _finished_hint(self.dispatcher)
-        if hint:
-            print(hint)
+        said = _finished_hint(self.dispatcher) if hint else None
+        if said:
+            print(said)
 
     def _start(self, path: str | None = None, detach: bool = False) -> None:
         if path is not None:
-            self._load(path)
+            self._load(path, hint=False)  # said once, below
         d = self._current("start")
         d.start(detach=detach)
         _resync(d)
