@@ -340,3 +340,20 @@ def test_magics_notebook_offers_a_reset_before_starting() -> None:
     assert lines[-1] == "%alma status"
     between = nb.cells.index(next(c for c in nb.cells if c.source == offer)) - 1
     assert "%alma reset --failed" in nb.cells[between].source  # the markdown explains both
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ("reset --failed  # the two failures", ["reset", "--failed"]),
+        ("# nothing", []),
+        ("load runs#2.experiment", ["load", "runs#2.experiment"]),
+        ("load 'my #1.experiment'  # quoted", ["load", "my #1.experiment"]),
+    ],
+)
+def test_a_hash_starting_a_word_starts_a_comment(line: str, words: list[str]) -> None:
+    import shlex
+
+    from alma.notebook.magics import _without_comment
+
+    assert shlex.split(_without_comment(line)) == words

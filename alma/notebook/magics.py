@@ -66,6 +66,20 @@ _ARITY = {
 }
 
 
+def _without_comment(line: str) -> str:
+    """``line`` up to a ``#`` that starts a word outside quotes (``%alma reset  # why``);
+    a ``#`` inside a word or in quotes stays (``%alma load runs#2.experiment``)."""
+    quote = ""
+    for i, ch in enumerate(line):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i]
+    return line
+
+
 def _usage(problem: str) -> UsageError:
     return UsageError(f"{problem}\n\n{HELP}")
 
@@ -90,7 +104,7 @@ class AlmaMagics(Magics):
     def alma(self, line: str = "") -> Any:
         """Run an alma experiment from notebook cells; ``%alma`` alone shows help."""
         try:
-            words = shlex.split(line, comments=True)  # `%alma reset  # why`
+            words = shlex.split(_without_comment(line))
         except ValueError as exc:
             raise _usage(f"%alma: cannot parse {line!r}: {exc}") from None
         if not words:
