@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -9,7 +10,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import SLURM_REQUIRED, ExperimentFactory, slurm_options, slurm_unavailable
+from helpers import REPO, SLURM_REQUIRED, ExperimentFactory, slurm_options, slurm_unavailable
+
+# Jupyter kernels and servers that the tests start inherit this environment and run in
+# folders of their own: put this checkout first on PYTHONPATH, with absolute paths, so
+# they import the alma under test. (With `PYTHONPATH=.` they would resolve "." in their
+# own folder and import whichever alma is installed, e.g. another checkout's.)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [
+        str(REPO),
+        *(
+            str(Path(entry).resolve())
+            for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+            if entry
+        ),
+    ]
+)
 
 
 @pytest.fixture

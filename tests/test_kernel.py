@@ -182,6 +182,13 @@ def persisted(exp: Path) -> tuple[int, set[tuple[str, int]]]:
         d.close()
 
 
+def test_kernels_import_the_alma_under_test(tmp_path: Path, kernel: Kernel) -> None:
+    """A kernel runs in a folder of its own: it must still import this checkout's alma
+    (conftest.py puts it first on PYTHONPATH), or every kernel test tests another."""
+    where = kernel.eval("__import__('alma').__file__")
+    assert Path(where).resolve() == (Path(alma.__file__)).resolve(), where
+
+
 # -- notebooks -----------------------------------------------------------------------
 
 
@@ -270,6 +277,44 @@ def test_magics_notebook_runs_headless(tmp_path: Path) -> None:
     assert (bar["value"], bar["max"]) == (done, 360)
     (start,) = models(nb, "ButtonModel", "alma-start")
     assert not start["disabled"]
+
+
+@pytest.mark.timeout(240)
+def test_magics_notebook_on_a_finished_experiment_offers_a_reset(tmp_path: Path) -> None:
+    """Opened after the experiment has finished (the README's ``alma run``): the load
+    cell says so and shows ``%alma reset`` / ``%alma reset --failed``; as shipped the
+    notebook forgets nothing, and with the reset line uncommented it runs again."""
+    examples = copy_examples(tmp_path)
+    exp = examples / "maxcut.experiment"
+    spec = json.loads(exp.read_text())
+    exp.write_text(json.dumps({**spec, "iterations": 2}))  # 24 runs: seconds, not half a minute
+    with alma.experiment.load(exp) as d:
+        d.start()
+        assert d.join(timeout=120) and d.finished
+    path = tmp_path / "notebooks" / "magics.ipynb"
+    nb = execute_notebook(path)
+
+    loaded = outputs_text(cell_with(nb, "%alma load"))
+    assert "maxcut has already finished (24/24 done, 0 failed)" in loaded
+    assert "%alma reset forgets every finished run" in loaded
+    assert "%alma reset --failed only the failed ones" in loaded
+    offer = cell_with(nb, "# %alma reset")
+    assert outputs_text(offer).startswith("maxcut: finished · 24/24 done")  # nothing forgotten
+    started = outputs_text(cell_with(nb, "%alma start"))
+    assert started.startswith("maxcut: finished · 24/24 done") and "%alma reset" in started
+    (status,) = models(nb, "LabelModel", "alma-status")
+    assert status["value"] == "finished"
+
+    # the user takes the offer: uncomment %alma reset and run the notebook again
+    shipped = nbformat.read(path, as_version=4)
+    (cell,) = [c for c in shipped.cells if c.source.startswith("# %alma reset")]
+    cell.source = cell.source.replace("# %alma reset", "%alma reset", 1)  # its comment stays
+    assert cell.source.startswith("%alma reset")
+    nbformat.write(shipped, path)
+    nb = execute_notebook(path)
+    assert "24 finished run(s) forgotten." in outputs_text(cell_with(nb, "%alma reset"))
+    assert outputs_text(cell_with(nb, "%alma start")).startswith("maxcut: running")
+    assert "has already finished" not in outputs_text(cell_with(nb, "%alma start"))
 
 
 # -- SIGKILL mid-run -----------------------------------------------------------------

@@ -316,3 +316,64 @@ def test_status_says_how_many_batch_jobs_are_pending_running_and_gone(
     assert (
         capsys.readouterr().out.rstrip().endswith(" · SLURM jobs: 1 pending · 2 running · 3 gone")
     )
+
+
+def test_a_finished_experiment_says_so_and_shows_how_to_reset(
+    shell: InteractiveShell, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    exp = write_experiment(tmp_path, {"a.txt": 1, "bad.txt": 1})
+    shell.run_line_magic("alma", f"load {exp}")
+    assert "already finished" not in capsys.readouterr().out  # nothing ran yet
+    shell.run_line_magic("alma", "start")
+    assert "already finished" not in capsys.readouterr().out
+    d = magics_of(shell).dispatcher
+    assert d is not None and d.join(timeout=30)
+    hint = (
+        "m has already finished (2/4 done, 2 failed): nothing is left to run. To run it "
+        "again: %alma reset forgets every finished run (it deletes them from the state "
+        "file), %alma reset --failed only the failed ones; then %alma start."
+    )
+    shell.run_line_magic("alma", f"load {exp}")  # e.g. the notebook opened the next day
+    assert capsys.readouterr().out.strip().endswith(f"\n{hint}")  # under the display
+    shell.run_line_magic("alma", "start")  # nothing owed: it says so instead of nothing
+    out = capsys.readouterr().out
+    assert out.startswith("m: finished · 2/4 done, 2 failed") and out.strip().endswith(hint)
+    shell.run_line_magic("alma", f"start {exp}")  # load and start: said once
+    out = capsys.readouterr().out
+    assert out.count("has already finished") == 1 and out.strip().endswith(hint)
+    shell.run_line_magic("alma", "reset --failed  # run the two failures again")
+    assert "2 failed run(s) forgotten." in capsys.readouterr().out
+    shell.run_line_magic("alma", "start")
+    assert "already finished" not in capsys.readouterr().out
+
+
+def test_magics_notebook_offers_a_reset_before_starting() -> None:
+    """Right after its load cell, the magics notebook shows both resets commented out,
+    so a top-to-bottom run keeps the results of an experiment already finished."""
+    nb = nbformat.read(NOTEBOOKS / "magics.ipynb", as_version=4)
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    load = next(i for i, s in enumerate(code) if s.startswith("%alma load"))
+    offer = code[load + 1]
+    assert code.index("%alma start") > load + 1
+    lines = offer.splitlines()
+    assert lines[0].startswith("# %alma reset ") and lines[1].startswith("# %alma reset --failed")
+    assert lines[-1] == "%alma status"
+    between = nb.cells.index(next(c for c in nb.cells if c.source == offer)) - 1
+    assert "%alma reset --failed" in nb.cells[between].source  # the markdown explains both
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ("reset --failed  # the two failures", ["reset", "--failed"]),
+        ("# nothing", []),
+        ("load runs#2.experiment", ["load", "runs#2.experiment"]),
+        ("load 'my #1.experiment'  # quoted", ["load", "my #1.experiment"]),
+    ],
+)
+def test_a_hash_starting_a_word_starts_a_comment(line: str, words: list[str]) -> None:
+    import shlex
+
+    from alma.notebook.magics import _without_comment
+
+    assert shlex.split(_without_comment(line)) == words

@@ -586,3 +586,56 @@ def test_results_view_plots_with_matplotlib(tmp_path: Path, cleanup: list[Any]) 
     assert d.join(timeout=20)
     c.results.selected_index = 0
     assert c.results.plot.value.startswith("<svg")
+
+
+def test_a_whole_strip_picture_empties_the_budget_without_a_debt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A final or forced picture is sent at once whatever its size; afterwards the strip
+    is back to its budget within a second, instead of standing still for as long as
+    that picture would have taken at the budget's rate."""
+    clock = [1000.0]
+    monkeypatch.setattr(strip.time, "monotonic", lambda: clock[0])
+    n = 3000
+
+    def pic(running_from: int) -> strip.Picture:
+        running = [1 if running_from <= i < running_from + 64 else 0 for i in range(n)]
+        return strip.picture(
+            [f"data/i{i:05d}.txt" for i in range(n)], [1] * n, [0] * n, running, [40] * n
+        )
+
+    s = strip.Strip()
+    s.show(pic(0), whole=True)
+    s.show(pic(1000), whole=True)  # every chunk it touches goes now: far above BUDGET
+    assert not s._waiting and s._tokens == 0
+    clock[0] += 1.5  # the next timed redraw, a moment later
+    sent: list[int] = []
+    for i, chunk in enumerate(s._chunks):
+        chunk.observe(lambda _change, i=i: sent.append(i), names="value")
+    s.show(pic(2000))
+    assert sent, "the strip stood still after a whole picture"
+    assert s._waiting, "the budget no longer applies"  # the rest follows, within budget
+    clock[0] += 60
+    s.show(pic(2000))
+    assert not s._waiting
+    assert s.html.count("alma-cell-running") == 32  # 64 running instances, 2 a cell
+
+
+def test_unfolding_a_section_keeps_the_strip_within_its_budget(
+    tmp_path: Path, cleanup: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = make_dispatcher(tmp_path, scored_run, instances=3, iterations=3)
+    c = Controller(d)
+    cleanup += [c, d]
+    d.start()
+    assert d.join(timeout=20)
+    c.refresh()
+    wholes: list[bool] = []
+    draw = c._draw_instances
+    monkeypatch.setattr(
+        c, "_draw_instances", lambda d, whole: (wholes.append(whole), draw(d, whole))
+    )
+    c.results.selected_index = 0
+    c.running_now.selected_index = 0
+    assert wholes == [False, False]  # drawn now, but not as a forced whole picture
+    assert c.results.reads == 1 and c.results.table.value

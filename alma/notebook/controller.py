@@ -121,11 +121,11 @@ class Controller(widgets.VBox):
         self.busy = _html("alma-busy")
         self.error, self.error_text = _folded("alma-error", hidden=True)
         self.running_now, self.running_text = _folded("alma-running-now")
-        self.running_now.observe(lambda _change: self.refresh(), names="selected_index")
+        self.running_now.observe(self._folded_or_unfolded, names="selected_index")
         self.instances = strip.Strip()
         params = frozenset(n for c in dispatcher.spec.params for n in c.params)
         self.results = ResultsView(self._read_results, params)
-        self.results.observe(lambda _change: self.refresh(), names="selected_index")
+        self.results.observe(self._folded_or_unfolded, names="selected_index")
         self.dashboard = _html("alma-dashboard")
         header = widgets.HBox(
             [
@@ -180,6 +180,13 @@ class Controller(widgets.VBox):
     def refresh(self) -> None:
         """Redraw now from the caller's thread; never raises (a UI error is logged)."""
         self._safe_redraw(force=True)
+
+    def _folded_or_unfolded(self, _change: Any = None) -> None:
+        """A section was opened or closed: draw what it shows now, with the strip kept
+        within its budget (a forced redraw would send every changed chunk of the strip
+        at once: tens of KB at 3,000 files while runs go on, on every click)."""
+        self._instances_at = float("-inf")  # the slow parts (results included) now
+        self._safe_redraw()
 
     def resync(self) -> None:
         """Redraw now and resend the whole state from the calling cell (what ``%alma

@@ -67,6 +67,20 @@ _ARITY = {
 }
 
 
+def _without_comment(line: str) -> str:
+    """``line`` up to a ``#`` that starts a word outside quotes (``%alma reset  # why``);
+    a ``#`` inside a word or in quotes stays (``%alma load runs#2.experiment``)."""
+    quote = ""
+    for i, ch in enumerate(line):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i]
+    return line
+
+
 def _usage(problem: str) -> UsageError:
     return UsageError(f"{problem}\n\n{HELP}")
 
@@ -91,7 +105,7 @@ class AlmaMagics(Magics):
     def alma(self, line: str = "") -> Any:
         """Run an alma experiment from notebook cells; ``%alma`` alone shows help."""
         try:
-            words = shlex.split(line)
+            words = shlex.split(_without_comment(line))
         except ValueError as exc:
             raise _usage(f"%alma: cannot parse {line!r}: {exc}") from None
         if not words:
@@ -116,17 +130,23 @@ class AlmaMagics(Magics):
 
     # -- subcommands -----------------------------------------------------------------
 
-    def _load(self, path: str) -> None:
+    def _load(self, path: str, hint: bool = True) -> None:
         self.dispatcher = _load(path)
         _show(self.dispatcher)
+        said = _finished_hint(self.dispatcher) if hint else None
+        if said:
+            print(said)
 
     def _start(self, path: str | None = None, detach: bool = False) -> None:
         if path is not None:
-            self._load(path)
+            self._load(path, hint=False)  # said once, below
         d = self._current("start")
         d.start(detach=detach)
         _resync(d)
         print(_summary(d))
+        hint = _finished_hint(d)
+        if hint:
+            print(hint)
 
     def _stop(self) -> None:
         d = self._current("stop")
@@ -219,6 +239,19 @@ def _resync(d: Dispatcher) -> None:
         controller.resync()
         if d.running or d.running_elsewhere:
             controller.follow()
+
+
+def _finished_hint(d: Dispatcher) -> str | None:
+    """What to do with an experiment that has nothing left to run (None otherwise)."""
+    if d.running or d.runner is not None or not d.finished:
+        return None
+    p = d.progress
+    return (
+        f"{d.spec.name} has already finished ({p.done}/{p.total} done, {p.failed} failed): "
+        "nothing is left to run. To run it again: %alma reset forgets every finished run "
+        "(it deletes them from the state file), %alma reset --failed only the failed ones; "
+        "then %alma start."
+    )
 
 
 def _summary(d: Dispatcher) -> str:

@@ -6,7 +6,8 @@ comm traffic (it hurts through JupyterHub or an SSH tunnel). So the cells are sp
 into chunks of ``CHUNK`` cells, each an HTML widget of its own, and only chunks whose
 HTML changed are sent, within ``BUDGET`` bytes per second: when more changed than the
 budget allows (thousands of fast runs), the chunks waiting longest go first and the rest
-follow on the next refreshes. A final picture (stop, finish, a display) is sent whole.
+follow on the next refreshes. A final picture (stop, finish, a display) is sent whole,
+outside the budget (which it empties, so the budget still bounds the rate over time).
 The chunks take ``display: contents`` (render.STYLE), so their cells flow as one strip.
 
 Imports: ipywidgets and :mod:`alma.notebook.render`.
@@ -146,6 +147,8 @@ class Strip(widgets.VBox):
             text = self._waiting.pop(i)
             self._tokens -= len(text)
             self._chunks[i].value = self._shown[i] = text
+        if whole:  # a whole picture is outside the budget: it leaves it empty, not in
+            self._tokens = max(self._tokens, 0.0)  # a debt that would freeze the strip
 
     def _rebuild(self, texts: list[str]) -> None:
         old = self._chunks

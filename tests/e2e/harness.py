@@ -1,5 +1,6 @@
 """What the browser tests' fixtures build on: a private JupyterLab server and Debian's
-Chromium. The fixtures themselves are in conftest.py.
+Chromium. The fixtures themselves are in conftest.py. The same server serves Notebook 7
+at ``/notebooks/<path>`` when the ``notebook`` package (>= 7) is installed.
 
 Everything the server and the browser write (Jupyter config, runtime files, kernel
 connection files, Chromium's profile) goes to a temporary HOME, so a test run leaves no
@@ -13,6 +14,7 @@ missing browser or package fails the run instead of silently skipping it.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import os
 import secrets
@@ -52,6 +54,24 @@ def _require_e2e() -> None:
     pytest.fail(
         f"ALMA_E2E is set but {CHROMIUM} is missing: install it with "
         "`apt-get install -y chromium` (as .ci/run does), or unset ALMA_E2E."
+    )
+
+
+def _require_notebook7() -> None:
+    """Notebook 7 is the ``notebook`` package (>= 7) in the server's environment: skip
+    without it, unless ALMA_E2E asks for every browser test (then fail and say how)."""
+    try:
+        version = importlib.metadata.version("notebook")
+    except importlib.metadata.PackageNotFoundError:
+        version = ""
+    if version and int(version.split(".")[0]) >= 7:
+        return
+    found = f"notebook {version} is installed" if version else "the notebook package is missing"
+    if "ALMA_E2E" not in os.environ:
+        pytest.skip(f"Notebook 7 is not available: {found}")
+    pytest.fail(
+        f'ALMA_E2E is set but {found}: install the test extra (`pip install -e ".[test]"`, '
+        "which has notebook>=7), or unset ALMA_E2E."
     )
 
 
@@ -134,6 +154,19 @@ class JupyterServer:
     def lab_url(self, path: str) -> str:
         """URL that opens ``path`` (relative to root_dir) in JupyterLab, logged in."""
         return f"{self.url}/lab/tree/{path}?token={self.token}"
+
+    def notebook7_url(self, path: str) -> str:
+        """URL that opens ``path`` in Notebook 7 (the ``notebook`` package's server
+        extension, served by this same server), logged in."""
+        return f"{self.url}/notebooks/{path}?token={self.token}"
+
+    def kernel_state(self, notebook_path: str) -> str | None:
+        """The execution state (idle, busy, starting) of the kernel of the session
+        attached to ``notebook_path``, or None while there is none."""
+        for session in self.api("GET", "/api/sessions"):
+            if session["path"] == notebook_path and session.get("kernel"):
+                return str(session["kernel"].get("execution_state"))
+        return None
 
     def kernel_id(self, notebook_path: str) -> str:
         """Id of the kernel of the session attached to ``notebook_path``."""
