@@ -13,8 +13,10 @@ CPU-bound, like pure Python), 2 workers each:
   ``multiprocessing.Pool.map`` uses when given none.
 
 The peers keep results in memory and persist nothing. Each measurement runs in a fresh
-Python process (the libraries imported before the clock starts), so start-up (worker
-processes included) is timed for everyone and memory is its own; a first line times
+Python process with the libraries imported before the clock starts (alma's dispatcher
+and executor modules too, which ``import alma`` loads only on first use: about 80 ms
+that the timings before 2026-12-02 02:40 UTC counted against alma), so start-up
+(worker processes included) is timed for everyone and memory is its own; a first line times
 10 no-op runs, which is little but start-up. ``peak MB`` is the measuring process's
 peak resident memory (VmHWM) plus the peak of each of its worker processes (sampled
 every 20 ms). The contenders
@@ -24,7 +26,6 @@ alternate within each round (the order rotates); ratios use each one's median ru
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import math
 import os
@@ -105,10 +106,17 @@ def measure(contender: str, folder: str, runs: int) -> dict[str, Any]:
     """In a fresh process: time ``runs`` calls by one contender, with peak memory."""
     sys.path.insert(0, folder)
     # Libraries are imported before the clock starts: dispatch is measured, not imports.
+    # alma and concurrent.futures load their machinery on first use (PEP 562), so that
+    # is imported here too: what each contender's first call would import.
+    import concurrent.futures.process
+
     import joblib
     import work  # the module written for this run length
+    from joblib.externals.loky import get_reusable_executor
 
     import alma
+    import alma.executors.processes
+    import alma.experiment
 
     memory = PeakMemory()
     t0 = time.perf_counter()
@@ -136,8 +144,6 @@ def measure(contender: str, folder: str, runs: int) -> dict[str, Any]:
             joblib.delayed(work.work)(i) for i in range(runs)
         )
         elapsed = time.perf_counter() - t0
-        from joblib.externals.loky import get_reusable_executor
-
         get_reusable_executor().shutdown(wait=True)
         assert len(out) == runs
     else:
