@@ -64,27 +64,28 @@ def run(instance, save_callback, state, iteration):
 
 
 class PeakMemory:
-    """Peak RSS of this process plus the peak of every worker process it started."""
+    """Peak RSS of this process plus the peak of every worker process it started.
+
+    The sampler runs in the measuring process, whose GIL alma's dispatcher needs on
+    tiny runs, so it reads the kernel's lists of child processes (a few µs) rather
+    than scanning every process (psutil's ``children()``: about 1 ms per sample, 5% of
+    that GIL at one sample per 20 ms).
+    """
 
     def __init__(self) -> None:
-        import psutil
-
-        self._me = psutil.Process()
         self._peaks: dict[int, float] = {}
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
     def _sample(self) -> None:
-        import psutil
-
         while not self._done.wait(0.02):
-            for child in self._me.children(recursive=True):
+            for pid in _descendants(os.getpid()):
                 try:
-                    mb = _vmhwm(child.pid)
-                except (OSError, psutil.Error):
+                    mb = _vmhwm(pid)
+                except OSError:  # ended in between
                     continue
-                self._peaks[child.pid] = max(self._peaks.get(child.pid, 0.0), mb)
+                self._peaks[pid] = max(self._peaks.get(pid, 0.0), mb)
 
     def stop(self) -> dict[str, float]:
         self._done.set()
@@ -92,6 +93,26 @@ class PeakMemory:
         workers = sum(self._peaks.values())
         parent = _vmhwm(os.getpid())
         return {"parent_mb": parent, "workers_mb": workers, "peak_mb": parent + workers}
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc/<pid>/task/<tid>/children (Linux)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{parent}/task")
+        except OSError:  # ended in between
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
 
 
 def _vmhwm(pid: int) -> float:
