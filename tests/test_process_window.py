@@ -138,3 +138,70 @@ def test_stop_with_a_full_window_ends_at_once_and_owes_the_rest(
     attempts = _attempts(data)
     assert attempts[200] == 2  # held, killed by the stop, then run again
     assert set((attempts - Counter({200: 2})).values()) == {1}  # queued ones: once each
+
+
+def test_a_crash_in_a_window_is_retried_from_the_checkpoint_it_saved(
+    make_experiment: ExperimentFactory, dispatchers: list[Any], batches: list[int]
+) -> None:
+    """The run that crashed is retried in a fresh worker process, resuming from the
+    checkpoint it saved before the crash; the runs queued behind it run once each."""
+    body = (
+        "if iteration == 150 and state is None:\n"
+        '        save_callback({"before": "the crash"})\n'
+        "        os._exit(3)\n"
+        "    if state is not None:\n"
+        "        return state"
+    )
+    exp = make_experiment(
+        LOGGING_RUN.format(body=body),
+        instances=1,
+        iterations=400,
+        executor="processes",
+        retries=1,
+    )
+    d = _load(exp, dispatchers)
+    d.start()
+    assert d.join(timeout=60) is True
+    assert max(batches) > 1, batches
+    r = d.results.set_index("iteration")
+    assert (r["status"] == "done").all() and len(r) == 400
+    assert r.loc[150, "attempts"] == 2 and r.loc[150, "before"] == "the crash"
+    assert (r.drop(index=150)["attempts"] == 1).all()
+    attempts = _attempts(exp.parent / "data")
+    assert attempts[150] == 2 and set((attempts - Counter({150: 2})).values()) == {1}
+
+
+class _Source:
+    """A session with an endless plan, as a worker slot sees it."""
+
+    def __init__(self) -> None:
+        self.handed = 0
+
+    def next_tasks(self, n: int) -> list[Any]:
+        self.handed += n
+        return [object()] * n
+
+
+@pytest.mark.parametrize(
+    ("seconds", "window"),
+    [
+        (None, 1),  # nothing measured yet: one run, then the outcome says how long
+        (0.0, processes.MAX_WINDOW),  # no-op runs: as many as the window holds
+        (0.01, 2),  # 10 ms: one run queued behind the running one, never idle
+        (processes.LONG_RUN, 1),  # long runs: none queued behind them
+    ],
+)
+def test_the_window_is_sized_from_how_long_runs_take(seconds: float | None, window: int) -> None:
+    slot = processes._Slot(None, _Source())  # type: ignore[arg-type]
+    slot.mean = seconds
+    slot.fill()
+    assert len(slot.window) == window
+    # The running run ends: the window is topped up once it is half empty, so the
+    # runs go out several per message and the worker always has the next one.
+    slot.window.popleft()
+    slot.fill()
+    assert len(slot.window) == (window if window <= 2 else window - 1)
+    for _ in range(window // 2):
+        slot.window.popleft()
+    slot.fill()
+    assert len(slot.window) == window

@@ -12,7 +12,6 @@ in docs/executors.md.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from typing import Any
 
@@ -85,6 +84,8 @@ def parse(value: Any, where: object) -> ExecutorChoice:
     if isinstance(name, str) and name not in _REGISTRY:
         _discover()
     if not isinstance(name, str) or name not in _REGISTRY:
+        import difflib  # only for this message: worker processes import this package
+
         close = difflib.get_close_matches(name, _REGISTRY, n=1) if isinstance(name, str) else []
         fix = (
             f"Did you mean {close[0]!r}?"

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, Interrupted
-from ..records import DONE, FAILED, Outcome, Task
+from ..records import DONE, FAILED, Outcome, RunKey, Task
 from ..runfunc import ShippedRun, make_caller, ship, unship
 from .base import Executor, RunSource, execute
 
@@ -337,7 +337,7 @@ class _Slot:
         if self.sent < len(self.window):
             if self.sent == 0:
                 self.head_since = time.monotonic()
-            batch = [e.task for e in itertools.islice(self.window, self.sent, None)]
+            batch = [_to_wire(e.task) for e in itertools.islice(self.window, self.sent, None)]
             self.sent = len(self.window)
             with contextlib.suppress(OSError):  # the child is gone: the receive says how
                 self.child.conn.send(batch)
@@ -376,11 +376,11 @@ class _Slot:
             )
             return
         for msg in messages:
-            if type(msg) is Outcome:
+            if type(msg) is tuple:  # an outcome: the head's attempt ended
                 self.head_since = time.monotonic()  # the child has begun the next one
-                d = msg.duration
+                status, result, error, tb, attempts, d, ended_at = msg
                 self.mean = d if self.mean is None else 0.8 * self.mean + 0.2 * d
-                self.attempt_ended(msg, d)
+                self.attempt_ended(Outcome(status, result, error, tb, attempts, d, 0, ended_at), d)
                 continue
             assert isinstance(msg, _Checkpoint), msg
             self.flush()  # the runs that ended before need not wait for this commit
@@ -475,7 +475,7 @@ def _child_main() -> None:
             if msg == _ACK:
                 acked = True
             else:
-                queued.extend(msg)
+                queued.extend(map(_from_wire, msg))
         return acked
 
     def checkpoint(task: Task, text: str) -> None:
@@ -493,12 +493,32 @@ def _child_main() -> None:
             except (EOFError, OSError):
                 return
             continue
-        outcome = execute(caller, queued.popleft(), checkpoint, 0)
-        outcome.ended_at = time.time()  # this machine's clock; reported a little later
-        conn.send(outcome)
+        o = execute(caller, queued.popleft(), checkpoint, 0)
+        # A plain tuple (see _to_wire); ended_at by this machine's clock, as it is
+        # reported a little later.
+        conn.send((o.status, o.result, o.error, o.traceback, o.attempts, o.duration, time.time()))
 
 
 # -- the messages between the driver and its child -------------------------------------
+#
+# Runs and outcomes, the messages of every run, travel as plain tuples: pickling a
+# slotted dataclass runs Python code per object (its __getstate__ and __setstate__),
+# which took about 40% of the dispatcher's GIL time per run on no-op runs (py-spy).
+
+
+def _to_wire(task: Task) -> tuple[Any, ...]:
+    """What a worker process needs of a run: what ``run()`` may receive."""
+    return (task.path, task.iteration, task.params, task.seed, task.checkpoint)
+
+
+#: Runs rebuilt in a worker process carry no key and no instance name: only the
+#: driver, which keeps the original Task, reports them.
+_NO_KEY = RunKey(-1, -1, -1)
+
+
+def _from_wire(fields: tuple[Any, ...]) -> Task:
+    path, iteration, params, seed, checkpoint = fields
+    return Task(_NO_KEY, "", path, iteration, params, seed, checkpoint)
 
 
 @dataclass(frozen=True)
