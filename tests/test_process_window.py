@@ -205,3 +205,20 @@ def test_the_window_is_sized_from_how_long_runs_take(seconds: float | None, wind
         slot.window.popleft()
     slot.fill()
     assert len(slot.window) == window
+
+
+def test_workers_import_the_alma_the_dispatcher_runs(
+    make_experiment: ExperimentFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ``alma`` folder in the current folder (a clone, a project's own package) is
+    not what the workers import: they would fail to start, or run other code."""
+    elsewhere = tmp_path / "cwd"
+    (elsewhere / "alma").mkdir(parents=True)
+    (elsewhere / "alma" / "__init__.py").write_text("raise ImportError('not this alma')\n")
+    monkeypatch.chdir(elsewhere)
+    exp = make_experiment(instances=2, iterations=2, workers=2, executor="processes")
+    d = alma.experiment.load(exp)
+    d.start()
+    assert d.join(timeout=60) is True
+    assert (d.progress.done, d.progress.failed) == (4, 0), d.last_error
+    d.close()

@@ -39,6 +39,7 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, Interrupted
@@ -50,7 +51,16 @@ from .base import Executor, RunSource, execute
 STARTUP_TIMEOUT = 120.0
 
 #: The child's entry point: kept tiny, so the child imports nothing but what it needs.
-_CHILD_CODE = "import sys; from alma.executors.processes import _child_main; _child_main()"
+#: It imports the alma this process runs (its folder is argv[2]): ``python -c`` puts
+#: the current folder first on sys.path, where an ``alma`` folder (a clone, a project's
+#: own package) would be imported instead. The child takes this process's sys.path
+#: once it has started.
+_CHILD_CODE = (
+    "import sys; sys.path.insert(0, sys.argv[2]); "
+    "from alma.executors.processes import _child_main; _child_main()"
+)
+#: The folder the alma package of this process is in.
+_ALMA_HOME = str(Path(__file__).resolve().parents[2])
 
 
 def describe_exit(returncode: int | None, pid: int) -> str:
@@ -208,7 +218,7 @@ class ProcessExecutor(Executor):
                 raise _AbortedError
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-c", _CHILD_CODE, str(child_sock.fileno())],
+                    [sys.executable, "-c", _CHILD_CODE, str(child_sock.fileno()), _ALMA_HOME],
                     pass_fds=(child_sock.fileno(),),
                     stdin=subprocess.DEVNULL,
                     # Its own process group: stop and timeouts end what a run started,
