@@ -139,6 +139,14 @@ CREATE TEMP VIEW checkpoints AS SELECT instance, {_EMPTY_CONFIG_ID} AS config, i
     state, saved FROM main.checkpoints;
 """
 
+#: A result as the lines hold it, and the same with raw newlines escaped: alma's results
+#: hold none (json escapes them), but one damaged in the file may, and would split its
+#: document in two. Such a chunk is read again the second way (costlier): json then
+#: reads a newline in a string as it would, and one elsewhere leaves the row unreadable,
+#: as it is.
+_RESULT = "coalesce(r.result, 'null')"
+_RESULT_ESCAPED = "replace(coalesce(r.result, 'null'), char(10), '\\n')"
+
 #: Two lines per run, as alma.frames reads them (LINE_COLUMNS, then the document):
 #: SQLite writes the text. json_quote only for the few runs with an error: it costs.
 _LINES = (
@@ -146,10 +154,10 @@ _LINES = (
     " json_array(0, r.instance, r.config, r.iteration, r.seed, r.status, r.duration,"
     " r.attempts, r.interruptions, CAST(round(r.finished * 1000000) AS INTEGER), r.code, 0)"
     " AS line, CASE WHEN r.error IS NULL AND r.traceback IS NULL THEN '{\"r\":'"
-    " || coalesce(r.result, 'null') || '}' ELSE '{\"e\":' || json_quote(r.error)"
-    " || ',\"t\":' || json_quote(r.traceback) || ',\"r\":' || coalesce(r.result, 'null')"
+    " || {result} || '}' ELSE '{\"e\":' || json_quote(r.error)"
+    " || ',\"t\":' || json_quote(r.traceback) || ',\"r\":' || {result}"
     " || '}' END AS doc FROM runs r {where} ORDER BY r.instance, r.config, r.iteration)"
-)
+).replace("{result}", _RESULT)
 #: The runs after a key, at most so many: a whole read, chunk by chunk.
 _LINES_AFTER = _LINES.replace("{where}", "WHERE (r.instance, r.config, r.iteration) > (?, ?, ?)")
 _LINES_AFTER = _LINES_AFTER[:-1] + " LIMIT ?)"
@@ -402,7 +410,8 @@ class Store:
             new = db.execute("SELECT count(*) FROM runs WHERE seq > ?", last.stamp[2:]).fetchone()
             if new[0] * 4 < len(last.part.frame):  # else a whole read is as cheap
                 names, configs = self._names_and_configs(db, last.names, last.configs)
-                lines, docs = db.execute(_LINES_SINCE, last.stamp[2:]).fetchone()
+                lines, docs = _fetch(db, _LINES_SINCE, last.stamp[2:])
+                assert lines is not None and docs is not None  # counted, same snapshot
                 new_part = frames.from_chunks([frames.parse(lines, docs)], names, configs)
                 part = frames.merge(last.part, new_part)
                 if part is not None:
@@ -651,7 +660,7 @@ def _whole(db: sqlite3.Connection) -> list[frames.Chunk]:
     without the GIL) while pyarrow parses this one."""
 
     def fetch(after: Sequence[int]) -> tuple[str | None, str | None]:
-        return db.execute(_LINES_AFTER, (*after, _CHUNK)).fetchone()
+        return _fetch(db, _LINES_AFTER, (*after, _CHUNK))
 
     chunks: list[frames.Chunk] = []
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -662,6 +671,16 @@ def _whole(db: sqlite3.Connection) -> list[frames.Chunk]:
                 return chunks
             pending = pool.submit(fetch, json.loads(lines[lines.rfind("\n") + 1 :])[1:4])
             chunks.append(frames.parse(lines, docs))
+
+
+def _fetch(
+    db: sqlite3.Connection, query: str, params: Sequence[object]
+) -> tuple[str | None, str | None]:
+    """The lines and the documents of ``query``: one of each per run."""
+    lines, docs = db.execute(query, params).fetchone()
+    if lines is not None and docs is not None and docs.count("\n") != lines.count("\n"):
+        lines, docs = db.execute(query.replace(_RESULT, _RESULT_ESCAPED), params).fetchone()
+    return lines, docs
 
 
 def _moved_away(path: Path, identity: tuple[int, int] | None) -> str | None:

@@ -79,8 +79,9 @@ def test_a_result_nested_too_deep_to_read_back_fails_its_run(tmp_path: Path) -> 
     assert row["status"] == "failed" and "nested deeper than 200 levels" in row["error"]
 
 
+@pytest.mark.parametrize("damage", ['{"n": ', '{"n":\n 1,\n{"r": 2'], ids=["cut", "newlines"])
 def test_a_damaged_result_row_is_shown_and_the_others_are_kept(
-    make_experiment: ExperimentFactory,
+    make_experiment: ExperimentFactory, damage: str
 ) -> None:
     exp = make_experiment(
         "def run(instance, save_callback, state):\n    return {'n': len(instance)}\n",
@@ -90,10 +91,11 @@ def test_a_damaged_result_row_is_shown_and_the_others_are_kept(
     assert alma_cli("run", "-q", exp).returncode == 0
     state = exp.with_name(exp.name + ".sqlite")
     with contextlib.closing(sqlite3.connect(state)) as db:
-        db.execute("UPDATE runs SET result = '{\"n\": ' WHERE iteration = 1 AND instance = 2")
+        db.execute("UPDATE runs SET result = ? WHERE iteration = 1 AND instance = 2", (damage,))
         db.commit()
     r = alma.experiment.load(exp).results
     assert len(r) == 6
+    assert r[["instance", "iteration"]].value_counts().eq(1).all()  # still one row each
     bad = r[r["error"].notna()]
     assert len(bad) == 1 and "cannot be read back" in bad["error"].iloc[0]
     assert r["n"].notna().sum() == 5
