@@ -3,6 +3,7 @@ follows its status, a broken widget never breaks a run, and no timer thread leak
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import re
@@ -639,3 +640,23 @@ def test_unfolding_a_section_keeps_the_strip_within_its_budget(
     c.running_now.selected_index = 0
     assert wholes == [False, False]  # drawn now, but not as a forced whole picture
     assert c.results.reads == 1 and c.results.table.value
+
+
+def test_the_error_panel_catches_up_once_the_experiment_settles(
+    tmp_path: Path, cleanup: list[Any]
+) -> None:
+    """While failures keep coming the panel is read at most every ERRORS_INTERVAL; the
+    last failures before a finish must still show, as no later refresh may come."""
+    d = make_dispatcher(tmp_path, failing_run, instances=3, iterations=2)
+    c = Controller(d)
+    cleanup += [c, d]
+    d.start()
+    assert d.join(timeout=20)
+    p = d.progress
+    assert p.failed == 2
+    c._draw_errors(d, dataclasses.replace(p, failed=1), None, 100.0, settled=False)
+    assert c.error.titles[0].startswith("Errors: 1 failed run")
+    c._draw_errors(d, p, None, 100.5, settled=False)  # more of the same: later
+    assert c.error.titles[0].startswith("Errors: 1 failed run")
+    c._draw_errors(d, p, None, 100.6, settled=True)  # finished: now
+    assert c.error.titles[0] == "Errors: 2 failed runs (1 kind)"

@@ -386,7 +386,7 @@ class Controller(widgets.VBox):
                     self.jobs.value = render.jobs_html(d.jobs)
                 self.message.value = render.message_html(self._message)
                 self.busy.value = render.busy_html(_busy_note(status) or self._note)
-                self._draw_errors(d, p, halted, now)
+                self._draw_errors(d, p, halted, now, settled=status not in _ACTIVE)
                 self._draw_running(d, p)
                 # Status and buttons last: once they say "finished", the rest says so too.
                 self.status_label.value = status
@@ -424,14 +424,17 @@ class Controller(widgets.VBox):
     def _draw_bar(self, p: Progress, status: str, halted: bool = False) -> None:
         self.bar.show(p, status, halted)
 
-    def _draw_errors(self, d: Dispatcher, p: Progress, halted: RunError | None, now: float) -> None:
+    def _draw_errors(
+        self, d: Dispatcher, p: Progress, halted: RunError | None, now: float, settled: bool
+    ) -> None:
         """The folded error panel: failures grouped by error, read from the state file
-        when the failed count changed (at most every ERRORS_INTERVAL while it grows)."""
+        when the failed count changed (at most every ERRORS_INTERVAL while it grows, and
+        at once when the experiment has settled: no later refresh may come)."""
         key = (p.failed, halted)
         if key == self._errors_key:
             return
         recent = self._errors_key is not None and now - self._errors_at < ERRORS_INTERVAL
-        if recent and self._errors_key[0] and p.failed:  # more of the same: catch up later
+        if recent and self._errors_key[0] and p.failed and not settled:  # catch up later
             return
         self._errors_key, self._errors_at = key, now
         if not p.failed and halted is None:
