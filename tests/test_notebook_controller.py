@@ -654,9 +654,36 @@ def test_the_error_panel_catches_up_once_the_experiment_settles(
     assert d.join(timeout=20)
     p = d.progress
     assert p.failed == 2
-    c._draw_errors(d, dataclasses.replace(p, failed=1), None, 100.0, settled=False)
+    t = time.monotonic() + 100  # well after any drawing the controller did itself
+    c._draw_errors(d, dataclasses.replace(p, failed=1), None, t, settled=False)
     assert c.error.titles[0].startswith("Errors: 1 failed run")
-    c._draw_errors(d, p, None, 100.5, settled=False)  # more of the same: later
+    c._draw_errors(d, p, None, t + 0.5, settled=False)  # more of the same: later
     assert c.error.titles[0].startswith("Errors: 1 failed run")
-    c._draw_errors(d, p, None, 100.6, settled=True)  # finished: now
+    c._draw_errors(d, p, None, t + 0.6, settled=True)  # finished: now
+    assert c.error.titles[0] == "Errors: 2 failed runs (1 kind)"
+
+
+def test_an_error_panel_that_could_not_be_read_is_read_at_the_next_redraw(
+    tmp_path: Path, cleanup: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed read of the failures (the file busy, say) must not leave the panel
+    hidden for good: nothing may remember it as drawn."""
+    d = make_dispatcher(tmp_path, failing_run, instances=3, iterations=2)
+    d.start()
+    assert d.join(timeout=20)
+    reads: list[int] = []
+    real = type(d).failures
+
+    def flaky(self: Any) -> Any:
+        reads.append(1)
+        if len(reads) == 1:
+            raise RuntimeError("database is locked")
+        return real.fget(self)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(type(d), "failures", property(flaky))
+    c = Controller(d)  # its first drawing fails to read the failures
+    cleanup += [c, d]
+    assert c.ui_errors == 1 and c.error.layout.display == "none"
+    c.refresh()
+    assert c.error.layout.display != "none"
     assert c.error.titles[0] == "Errors: 2 failed runs (1 kind)"

@@ -436,14 +436,18 @@ class Controller(widgets.VBox):
         recent = self._errors_key is not None and now - self._errors_at < ERRORS_INTERVAL
         if recent and self._errors_key[0] and p.failed and not settled:  # catch up later
             return
-        self._errors_key, self._errors_at = key, now
         if not p.failed and halted is None:
             self.error.layout.display = "none"
-            return
-        groups = d.failures if p.failed else []
-        self.error.titles = (render.errors_title(p.failed, len(groups), halted),)
-        self.error_text.value = render.errors_html(groups, halted)
-        self.error.layout.display = ""
+        else:
+            # Read and render first: if that fails (the file busy, say), the key stays
+            # old and the next redraw tries again instead of believing the panel drawn.
+            groups = d.failures if p.failed else []
+            title = render.errors_title(p.failed, len(groups), halted)
+            html = render.errors_html(groups, halted)
+            self.error.titles = (title,)
+            self.error_text.value = html
+            self.error.layout.display = ""
+        self._errors_key, self._errors_at = key, now
 
     def _draw_running(self, d: Dispatcher, p: Progress) -> None:
         """The folded list of runs in flight: only its title costs while folded."""

@@ -54,11 +54,24 @@ def _poll(what: str, predicate: Callable[[], Any], timeout: float, page: Any = N
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{_outputs(page)}")
         if page is not None:
             page.wait_for_timeout(100)  # lets Playwright process page events meanwhile
         else:
             time.sleep(0.1)
+
+
+def _outputs(page: Any) -> str:
+    """The text of the page's cell outputs (a controller, a warning on stderr), for a
+    failure message: CI keeps the log, not always the screenshots."""
+    if page is None:
+        return ""
+    try:
+        texts = page.locator(".jp-OutputArea-output").all_inner_texts()
+    except Exception as exc:  # the page itself may be what broke
+        return f"; the outputs could not be read ({exc})"
+    shown = "\n---\n".join(t.strip()[:1500] for t in texts)
+    return f"; the cell outputs read:\n{shown}"
 
 
 class Shots:
