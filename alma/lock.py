@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -90,6 +91,10 @@ class ExperimentLock:
         self._fd: int | None = None
         #: Who this process wrote into the lock file when it last took the lock.
         self.me: Holder | None = None
+        # Taking and releasing are atomic for this object's own probes: between the
+        # flock and the record of holding it, holder() (a controller's thread, say)
+        # would see the lock held by "someone else", this very process.
+        self._mutex = threading.Lock()
 
     @property
     def held(self) -> bool:
@@ -98,6 +103,10 @@ class ExperimentLock:
 
     def acquire(self) -> None:
         """Take the lock or raise LockedError naming the holder."""
+        with self._mutex:
+            self._acquire()
+
+    def _acquire(self) -> None:
         if self._fd is not None:
             return
         try:
@@ -171,8 +180,10 @@ class ExperimentLock:
 
     def _read_held(self) -> bytes | None:
         """The lock file's bytes while someone else holds the lock; else None."""
-        if self._fd is not None:
-            return None
+        with self._mutex:
+            return None if self._fd is not None else self._probe()
+
+    def _probe(self) -> bytes | None:
         try:
             # Never creates the file (reading only), never follows a planted symlink.
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -188,9 +199,10 @@ class ExperimentLock:
 
     def release(self) -> None:
         """Release the lock (closing the descriptor releases the flock)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._mutex:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 def _first_line(data: bytes) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from helpers import alma_cli, alma_popen, wait_until
 import alma
 import alma.experiment
 from alma.dispatcher import Dispatcher
+from alma.lock import ExperimentLock
 
 #: Runs that wait (checkpointing) until a release file appears: a holder that stays busy.
 WAITING_RUN = """
@@ -110,3 +112,29 @@ def test_lock_released_when_holder_is_killed_and_reading_allowed(make_experiment
     assert d.join(timeout=30)
     assert d.progress.done == 6
     d.close()
+
+
+def test_a_holder_never_sees_itself_as_another_process(tmp_path: Path) -> None:
+    """While one thread takes and releases the lock, another asks who holds it (a
+    controller's timer does, while the kernel starts and stops its experiment): the
+    answer is always nobody else, never this very process caught half-way."""
+    lock = ExperimentLock(tmp_path / "x.sqlite")
+    seen: list[str] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        while not done.is_set():
+            holder = lock.holder()
+            if holder is not None:
+                seen.append(holder)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        for _ in range(2000):
+            lock.acquire()
+            lock.release()
+    finally:
+        done.set()
+        prober.join()
+    assert seen == []

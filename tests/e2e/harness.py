@@ -152,8 +152,11 @@ class JupyterServer:
         return json.loads(raw) if raw else None
 
     def lab_url(self, path: str) -> str:
-        """URL that opens ``path`` (relative to root_dir) in JupyterLab, logged in."""
-        return f"{self.url}/lab/tree/{path}?token={self.token}"
+        """URL that opens ``path`` (relative to root_dir) in JupyterLab, logged in, in a
+        reset workspace: the browser tests share one server, and JupyterLab would
+        otherwise restore an earlier test's notebook in a tab beside this one (its
+        controller, first in the page, then answers the test's locators)."""
+        return f"{self.url}/lab/tree/{path}?token={self.token}&reset"
 
     def notebook7_url(self, path: str) -> str:
         """URL that opens ``path`` in Notebook 7 (the ``notebook`` package's server

@@ -53,9 +53,7 @@ def test_controller_stop_pauses_a_runner_started_from_the_cli(
     cli_runner = _runner(exp)
     assert cli_runner is not None and cli_runner.detached
     try:
-        # reset: JupyterLab must not restore the workspace of an earlier test, whose
-        # notebook (in a background tab) would hold the first cell the helpers click.
-        page.goto(jupyter_server.lab_url(NOTEBOOK) + "&reset")
+        page.goto(jupyter_server.lab_url(NOTEBOOK))
         wait_kernel_idle(page)
         view = ControllerView(run_until_controller(page))
         _poll("'running elsewhere'", lambda: view.status_text() == "running elsewhere", 30, page)
