@@ -86,20 +86,20 @@ class Chunk(NamedTuple):
 
     runs: pa.Table  #: LINE_COLUMNS
     docs: pa.Table | None  #: e, t, r; None where Arrow cannot type them as json would
-    text: str  #: the documents, one per line, for the exact way
+    text: bytes  #: the documents, one per line, for the exact way
 
 
-def parse(lines: str, docs: str) -> Chunk:
-    """Parse the lines (see LINE_COLUMNS) and the documents of some runs: text of
-    one line per run, both in the same order."""
+def parse(lines: bytes, docs: bytes) -> Chunk:
+    """Parse the lines (see LINE_COLUMNS) and the documents of some runs: UTF-8 text
+    of one line per run, both in the same order."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
     names = ["_", *LINE_COLUMNS, "__"]
     types = {name: pa.int64() for name in LINE_COLUMNS}
-    types.update(status=pa.string(), code=pa.string(), duration=pa.float64())
+    types.update(status=pa.large_string(), code=pa.large_string(), duration=pa.float64())
     runs = pcsv.read_csv(
-        io.BytesIO(lines.encode()),
+        io.BytesIO(lines),
         read_options=pcsv.ReadOptions(column_names=names, block_size=1 << 24),
         parse_options=pcsv.ParseOptions(escape_char="\\"),
         convert_options=pcsv.ConvertOptions(
@@ -113,19 +113,21 @@ def parse(lines: str, docs: str) -> Chunk:
     return Chunk(runs, _parse_docs(docs, runs.num_rows), docs)
 
 
-def _parse_docs(text: str, rows: int) -> pa.Table | None:
+def _parse_docs(text: bytes, rows: int) -> pa.Table | None:
     """The documents, parsed by Arrow; None when it fails (a type that changes
-    between rows, damaged JSON)."""
+    between rows, damaged JSON, text that is not UTF-8: Arrow's JSON reader lets that
+    through, and only the full validation finds it)."""
     import pyarrow as pa
     import pyarrow.json as pj
 
-    schema = pa.schema([("e", pa.string()), ("t", pa.string())])
+    schema = pa.schema([("e", pa.large_string()), ("t", pa.large_string())])
     try:
         parsed = pj.read_json(
-            io.BytesIO(text.encode()),
+            io.BytesIO(text),
             read_options=pj.ReadOptions(block_size=1 << 24),
             parse_options=pj.ParseOptions(explicit_schema=schema),
         )
+        parsed.validate(full=True)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
     return parsed if parsed.num_rows == rows and "r" in parsed.column_names else None
@@ -157,7 +159,9 @@ def from_chunks(chunks: Sequence[Chunk], names: dict[int, str], configs: dict[in
         else:
             frame[name] = table.column(name).to_pandas()
     if docs is None:
-        texts = [line for chunk in chunks for line in chunk.text.split("\n")]
+        # Text that is not UTF-8 (a damaged file) reads with U+FFFD, never an exception.
+        text = "\n".join(chunk.text.decode(errors="replace") for chunk in chunks)
+        texts = text.split("\n")
         frame = _decode_exactly(frame, texts)
     else:
         frame = _results_of(frame, docs.column("r").combine_chunks())
@@ -186,10 +190,10 @@ def _names(ids: np.ndarray, names: dict[int, str]) -> Any:
     import pyarrow as pa
 
     if not len(ids):
-        return pa.array([], pa.string()).to_pandas()
+        return pa.array([], pa.large_string()).to_pandas()
     position = np.full(max(max(names, default=0), int(ids.max())) + 1, -1, np.int64)
     position[list(names)] = np.arange(len(names))
-    return pa.array(list(names.values()), pa.string()).take(position[ids]).to_pandas()
+    return pa.array(list(names.values()), pa.large_string()).take(position[ids]).to_pandas()
 
 
 def _results_of(frame: pd.DataFrame, results: pa.Array) -> pd.DataFrame:
@@ -324,6 +328,39 @@ def own_copy(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.copy(deep=not cow)
 
 
+def _alike(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """True when the frames of two parts, put together, give the columns and types one
+    read of both would (not so: a result key only one has, or typed apart)."""
+    if list(a.columns) != list(b.columns):
+        return False
+    # A key some rows lack (a failed run has no result): int64 and float64 make float64
+    # both ways, and booleans with gaps are objects both ways.
+    return all(
+        x == y or {str(x), str(y)} in _ALIKE_TYPES for x, y in zip(a.dtypes, b.dtypes, strict=True)
+    )
+
+
+#: Pairs of column types that put together give what one read of both would.
+_ALIKE_TYPES = ({"int64", "float64"}, {"bool", "object"})
+
+
+def concat(parts: Sequence[Part]) -> Part | None:
+    """The parts, each holding the runs after those of the one before, as one part; or
+    None when they are not :func:`_alike` (the caller then reads them as one)."""
+    import numpy as np
+    import pandas as pd
+
+    if not parts:
+        return from_chunks([], {}, {})
+    if len(parts) == 1:
+        return parts[0]
+    if not all(_alike(parts[0].frame, p.frame) for p in parts[1:]):
+        return None
+    frame = pd.concat([p.frame for p in parts], ignore_index=True)
+    ids, config, iteration = (np.concatenate([p.keys[i] for p in parts]) for i in range(3))
+    return Part(frame, (ids, config, iteration))
+
+
 def merge(old: Part, new: Part) -> Part | None:
     """``old`` with the runs of ``new`` in their places (a run in both: the new row),
     or None when a whole read could give other columns or types (a new result key, a
@@ -331,12 +368,8 @@ def merge(old: Part, new: Part) -> Part | None:
     import numpy as np
     import pandas as pd
 
-    if list(old.frame.columns) != list(new.frame.columns):
+    if not _alike(old.frame, new.frame):
         return None
-    for a, b in zip(old.frame.dtypes, new.frame.dtypes, strict=True):
-        # int64 and float64 (a key some rows lack) make float64 both ways.
-        if a != b and {str(a), str(b)} != {"int64", "float64"}:
-            return None
     ordering = _ordering(old.keys, new.keys)
     if ordering is None:
         return None

@@ -22,7 +22,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -150,7 +150,8 @@ _RESULT_ESCAPED = "replace(coalesce(r.result, 'null'), char(10), '\\n')"
 #: Two lines per run, as alma.frames reads them (LINE_COLUMNS, then the document):
 #: SQLite writes the text. json_quote only for the few runs with an error: it costs.
 _LINES = (
-    "SELECT group_concat(line, char(10)), group_concat(doc, char(10)) FROM (SELECT"
+    "SELECT CAST(group_concat(line, char(10)) AS BLOB),"
+    " CAST(group_concat(doc, char(10)) AS BLOB) FROM (SELECT"
     " json_array(0, r.instance, r.config, r.iteration, r.seed, r.status, r.duration,"
     " r.attempts, r.interruptions, CAST(round(r.finished * 1000000) AS INTEGER), r.code, 0)"
     " AS line, CASE WHEN r.error IS NULL AND r.traceback IS NULL THEN '{\"r\":'"
@@ -162,7 +163,10 @@ _LINES = (
 _LINES_AFTER = _LINES.replace("{where}", "WHERE (r.instance, r.config, r.iteration) > (?, ?, ?)")
 _LINES_AFTER = _LINES_AFTER[:-1] + " LIMIT ?)"
 #: The runs committed after a given commit (schema 3).
-_LINES_SINCE = _LINES.replace("{where}", "WHERE r.seq > ?")
+_LINES_SINCE = _LINES.replace("{where}", "WHERE r.seq > ?").replace(
+    "FROM runs r",
+    "FROM runs r INDEXED BY runs_seq",  # else SQLite scans all, to skip a sort
+)
 #: Runs per chunk of a whole read: about 25 MB of text with small results.
 _CHUNK = 100_000
 
@@ -417,7 +421,12 @@ class Store:
                 if part is not None:
                     return _Results(stamp, part, names, configs)
         names, configs = self._names_and_configs(db, {}, {})
-        return _Results(stamp, frames.from_chunks(_whole(db), names, configs), names, configs)
+        # Each chunk becomes a frame while SQLite writes the next, so little is left to
+        # do at the end; chunks that typed a result key apart are read again as one.
+        whole = frames.concat([frames.from_chunks([c], names, configs) for c in _chunks(db)])
+        if whole is None:
+            whole = frames.from_chunks(list(_chunks(db)), names, configs)
+        return _Results(stamp, whole, names, configs)
 
     @staticmethod
     def _names_and_configs(
@@ -655,30 +664,30 @@ class Store:
                 self._reader = None
 
 
-def _whole(db: sqlite3.Connection) -> list[frames.Chunk]:
+def _chunks(db: sqlite3.Connection) -> Iterator[frames.Chunk]:
     """Every run, parsed chunk by chunk; SQLite writes the next chunk (in a thread,
-    without the GIL) while pyarrow parses this one."""
+    without the GIL) while pyarrow parses this one and the caller uses it."""
 
-    def fetch(after: Sequence[int]) -> tuple[str | None, str | None]:
+    def fetch(after: Sequence[int]) -> tuple[bytes | None, bytes | None]:
         return _fetch(db, _LINES_AFTER, (*after, _CHUNK))
 
-    chunks: list[frames.Chunk] = []
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(fetch, (-1, -1, -1))
         while True:
             lines, docs = pending.result()
             if lines is None or docs is None:
-                return chunks
-            pending = pool.submit(fetch, json.loads(lines[lines.rfind("\n") + 1 :])[1:4])
-            chunks.append(frames.parse(lines, docs))
+                return
+            pending = pool.submit(fetch, json.loads(lines[lines.rfind(b"\n") + 1 :])[1:4])
+            yield frames.parse(lines, docs)
 
 
 def _fetch(
     db: sqlite3.Connection, query: str, params: Sequence[object]
-) -> tuple[str | None, str | None]:
-    """The lines and the documents of ``query``: one of each per run."""
+) -> tuple[bytes | None, bytes | None]:
+    """The lines and the documents of ``query``, one of each per run: UTF-8 bytes,
+    as SQLite wrote them (no decoding to ``str`` and back for pyarrow)."""
     lines, docs = db.execute(query, params).fetchone()
-    if lines is not None and docs is not None and docs.count("\n") != lines.count("\n"):
+    if lines is not None and docs is not None and docs.count(b"\n") != lines.count(b"\n"):
         lines, docs = db.execute(query.replace(_RESULT, _RESULT_ESCAPED), params).fetchone()
     return lines, docs
 

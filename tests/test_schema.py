@@ -309,17 +309,40 @@ def test_a_run_committed_again_replaces_its_row() -> None:
     ]
 
 
+#: Results whose chunks type alike (a key int in some, float in others; text with gaps;
+#: failed runs in some chunks only): a whole read puts the chunks' frames together.
+ALIKE = """
+def run(instance, save_callback, state, iteration, k):
+    if iteration == 3 and k == 2:
+        raise ValueError("three")
+    return {"v": iteration if iteration < 5 else iteration + 0.5, "flag": iteration % 2 == 0,
+            "label": None if iteration == 6 else f"{k}:{iteration}"}
+"""
+
+
+@pytest.mark.parametrize(
+    ("run", "one_read"), [(GROWING, True), (ALIKE, False)], ids=["key appears", "alike"]
+)
 def test_a_whole_read_in_chunks_is_the_same_frame(
-    make_experiment: ExperimentFactory, monkeypatch: pytest.MonkeyPatch
+    make_experiment: ExperimentFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    parsed: list[int],
+    run: str,
+    one_read: bool,
 ) -> None:
+    """Chunk by chunk, each chunk's frame made while the next is read, then put
+    together; chunks that type a key apart ("late" appears in some only) are read
+    again as one. Either way the frame is the one a single read gives."""
     import alma.store
 
-    exp = make_experiment(GROWING, instances=5, iterations=8, params={"k": [1, 2]})
+    exp = make_experiment(run, instances=5, iterations=8, params={"k": [1, 2]}, retries=0)
     _session(exp, 8)
     state = exp.with_name("example.experiment.sqlite")
     whole = Store(state, "example").results_frame()
+    assert parsed == [80]
     monkeypatch.setattr(alma.store, "_CHUNK", 7)  # 80 runs: 12 chunks, the last short
     chunked = Store(state, "example").results_frame()
     pd.testing.assert_frame_equal(chunked, whole)
+    assert parsed[1:] == [7] * 11 + [3] + ([80] if one_read else [])
     keys = list(zip(whole["instance"], whole["k"], whole["iteration"], strict=True))
     assert keys == sorted(keys) and len(set(keys)) == 80

@@ -103,6 +103,27 @@ def test_a_damaged_result_row_is_shown_and_the_others_are_kept(
     assert out.returncode == 0 and "cannot be read back" in out.stdout
 
 
+def test_a_result_that_is_not_utf8_reads_with_replacement_characters(
+    make_experiment: ExperimentFactory,
+) -> None:
+    """Bytes that are not UTF-8 in a stored result (a damaged file) never break the
+    table: that value reads with U+FFFD, every other row as it was."""
+    exp = make_experiment(
+        "def run(instance, save_callback, state):\n    return {'n': len(instance), 's': 'ok'}\n",
+        instances=3,
+        iterations=2,
+    )
+    assert alma_cli("run", "-q", exp).returncode == 0
+    state = exp.with_name(exp.name + ".sqlite")
+    with contextlib.closing(sqlite3.connect(state)) as db:
+        damaged = b'{"n": 1, "s": "b\xffd"}'
+        db.execute("UPDATE runs SET result = CAST(? AS TEXT) WHERE iteration = 1", (damaged,))
+        db.commit()
+    r = alma.experiment.load(exp).results
+    assert len(r) == 6 and r["error"].isna().all()
+    assert sorted(r["s"]) == ["b\ufffdd"] * 3 + ["ok"] * 3
+
+
 @pytest.mark.parametrize("umask", [0o000, 0o022])
 def test_state_and_lock_files_are_never_world_writable(
     make_experiment: ExperimentFactory, umask: int
