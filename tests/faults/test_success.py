@@ -38,7 +38,10 @@ def _state(exp: Path) -> Path:
 
 
 def _rows(state: Path) -> int:
+    """Rows in ``runs``; 0 while the file exists but its schema is not committed yet."""
     with contextlib.closing(sqlite3.connect(state)) as db:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'runs'").fetchone():
+            return 0
         return int(db.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
 
 
