@@ -19,7 +19,7 @@ import pytest
 from helpers import ExperimentFactory, wait_until
 
 import alma.experiment
-from alma.executors import processes
+from alma.executors import processes, worker
 
 #: Each attempt appends "iteration pid" to attempts.log next to the data files.
 LOGGING_RUN = """
@@ -42,14 +42,14 @@ def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Sizes of the batches of runs the drivers send their worker processes: proof that
     a test's runs went out several at a time, so the window is what is under test."""
     sizes: list[int] = []
-    send = processes._Pipe.send
+    send = worker.Pipe.send
 
-    def spy(self: processes._Pipe, obj: Any) -> None:
+    def spy(self: worker.Pipe, obj: Any) -> None:
         if isinstance(obj, list):
             sizes.append(len(obj))
         send(self, obj)
 
-    monkeypatch.setattr(processes._Pipe, "send", spy)
+    monkeypatch.setattr(worker.Pipe, "send", spy)
     return sizes
 
 

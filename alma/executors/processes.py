@@ -10,7 +10,9 @@ and reports each outcome as it comes back. No process is started per run.
 Why a plain ``python -c`` child instead of :mod:`multiprocessing`: ``spawn`` and
 ``forkserver`` re-import the user's ``__main__`` in every child, which re-runs an
 unguarded script (and fails); ``fork`` is unsafe in a process that has threads. Our
-child imports only alma, then the run function as :func:`alma.runfunc.ship` packed it:
+child imports only :mod:`alma.executors.worker` (the child side, light on imports:
+start-up is paid on every start and after every crash), then the run function as
+:func:`alma.runfunc.ship` packed it:
 an experiment's run module as its source, anything else with cloudpickle (by
 reference when importable, by value when defined in ``__main__``, e.g. a notebook cell).
 
@@ -27,25 +29,22 @@ import contextlib
 import itertools
 import math
 import os
-import pickle
-import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, Interrupted
-from ..records import DONE, FAILED, Outcome, RunKey, Task
-from ..runfunc import ShippedRun, make_caller, ship, unship
-from .base import Executor, RunSource, execute
+from ..records import DONE, FAILED, Outcome, Task
+from ..runfunc import ShippedRun, ship
+from .base import Executor, RunSource
+from .worker import ACK, Checkpoint, Failure, Init, Pipe, to_wire
 
 #: Seconds a new worker process may take to import alma and the run function.
 STARTUP_TIMEOUT = 120.0
@@ -56,8 +55,7 @@ STARTUP_TIMEOUT = 120.0
 #: own package) would be imported instead. The child takes this process's sys.path
 #: once it has started.
 _CHILD_CODE = (
-    "import sys; sys.path.insert(0, sys.argv[2]); "
-    "from alma.executors.processes import _child_main; _child_main()"
+    "import sys; sys.path.insert(0, sys.argv[2]); from alma.executors.worker import main; main()"
 )
 #: The folder the alma package of this process is in.
 _ALMA_HOME = str(Path(__file__).resolve().parents[2])
@@ -83,72 +81,10 @@ class _AbortedError(Exception):
     """The run was aborted by a stop: it is owed again, not failed."""
 
 
-class _Pipe:
-    """One end of the socket between a driver and its child: messages framed as
-    :mod:`multiprocessing.connection` frames them (a length, then a pickle), without
-    importing it (the child starts faster).
-
-    Reading takes whatever has arrived in one system call and splits it into messages,
-    so a burst of short runs' outcomes costs one wake-up and one read here instead of
-    two reads each: the parent serves every worker, and its time per run is what
-    limits throughput on tiny runs.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._buf = bytearray()
-
-    def send(self, obj: Any) -> None:
-        data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
-        n = len(data)
-        head = struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)
-        self.sock.sendall(head + data)
-
-    def receive(self, timeout: float | None = None) -> list[Any] | None:
-        """The messages that have arrived, waiting up to ``timeout`` seconds (None: as
-        long as it takes) for the first; None when none came in time. Raises EOFError
-        once the child has closed its end (it died, or was killed)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not (messages := self._split()):
-            if deadline is not None:
-                ready, _, _ = select.select(
-                    [self.sock], [], [], max(deadline - time.monotonic(), 0)
-                )
-                if not ready:
-                    return None
-            data = self.sock.recv(1 << 16)
-            if not data:
-                raise EOFError
-            self._buf += data
-        return messages
-
-    def _split(self) -> list[Any]:
-        buf, pos, messages = self._buf, 0, []
-        while len(buf) - pos >= 4:
-            (size,) = struct.unpack_from("!i", buf, pos)
-            head = 4
-            if size == -1:
-                if len(buf) - pos < 12:
-                    break
-                (size,) = struct.unpack_from("!Q", buf, pos + 4)
-                head = 12
-            end = pos + head + size
-            if len(buf) < end:
-                break
-            messages.append(pickle.loads(buf[pos + head : end]))
-            pos = end
-        if pos:
-            del buf[:pos]
-        return messages
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 class _Child:
     """One worker process and the parent's end of its socket."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], conn: _Pipe) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], conn: Pipe) -> None:
         self.proc = proc
         self.conn = conn
 
@@ -206,7 +142,7 @@ class ProcessExecutor(Executor):
         for child in children:
             child.kill()
 
-    def _spawn(self) -> _Child | _Failure:
+    def _spawn(self) -> _Child | Failure:
         """Start a worker process and load the run function in it; or say why that
         failed. Raises _AbortedError when a stop came first."""
         assert self._shipped is not None
@@ -227,10 +163,10 @@ class ProcessExecutor(Executor):
                 )
             finally:
                 child_sock.close()
-            child = _Child(proc, _Pipe(parent_sock))
+            child = _Child(proc, Pipe(parent_sock))
             self._children.add(child)
         try:
-            child.conn.send(_Init(list(sys.path), self._shipped))
+            child.conn.send(Init(list(sys.path), self._shipped))
             answer = child.conn.receive(STARTUP_TIMEOUT)
             if answer is None:
                 raise TimeoutError(f"no answer within {STARTUP_TIMEOUT:g} s")
@@ -241,11 +177,11 @@ class ProcessExecutor(Executor):
             if self._stopped:
                 raise _AbortedError from None
             why = describe_exit(code, proc.pid) if not isinstance(exc, TimeoutError) else str(exc)
-            return _Failure(f"WorkerDied: a new worker process failed to start: {why}")
-        if isinstance(msg, _Failure):
+            return Failure(f"WorkerDied: a new worker process failed to start: {why}")
+        if isinstance(msg, Failure):
             self._forget(child)
             child.reap()
-            return _Failure(
+            return Failure(
                 f"the worker process could not load the run function: {msg.error}", msg.traceback
             )
         return child
@@ -339,7 +275,7 @@ class _Slot:
         """Make sure a child holds the window, then handle what it says next."""
         if self.child is None:
             spawned = self.ex._spawn()
-            if isinstance(spawned, _Failure):
+            if isinstance(spawned, Failure):
                 self.attempt_ended(spawned, 0.0)
                 self.flush()
                 return
@@ -347,7 +283,7 @@ class _Slot:
         if self.sent < len(self.window):
             if self.sent == 0:
                 self.head_since = time.monotonic()
-            batch = [_to_wire(e.task) for e in itertools.islice(self.window, self.sent, None)]
+            batch = [to_wire(e.task) for e in itertools.islice(self.window, self.sent, None)]
             self.sent = len(self.window)
             with contextlib.suppress(OSError):  # the child is gone: the receive says how
                 self.child.conn.send(batch)
@@ -372,13 +308,13 @@ class _Slot:
         except (EOFError, OSError):
             code = self.lose_child()
             self.attempt_ended(
-                _Failure(describe_exit(code, child.proc.pid)), time.monotonic() - self.head_since
+                Failure(describe_exit(code, child.proc.pid)), time.monotonic() - self.head_since
             )
             return
         if messages is None:
             self.lose_child()
             self.attempt_ended(
-                _Failure(
+                Failure(
                     f"TimeoutError: timeout after {timeout:g} s; the worker "
                     f"process (pid {child.proc.pid}) was ended"
                 ),
@@ -392,7 +328,7 @@ class _Slot:
                 self.mean = d if self.mean is None else 0.8 * self.mean + 0.2 * d
                 self.attempt_ended(Outcome(status, result, error, tb, attempts, d, 0, ended_at), d)
                 continue
-            assert isinstance(msg, _Checkpoint), msg
+            assert isinstance(msg, Checkpoint), msg
             self.flush()  # the runs that ended before need not wait for this commit
             task = self.window[0].task
             task.checkpoint = msg.state
@@ -402,7 +338,7 @@ class _Slot:
                 self.lose_child()
                 raise _AbortedError from None
             with contextlib.suppress(OSError):
-                child.conn.send(_ACK)
+                child.conn.send(ACK)
 
     def lose_child(self) -> int | None:
         """End the child (dead, stuck or stopped); the window goes to the next one.
@@ -415,7 +351,7 @@ class _Slot:
             raise _AbortedError
         return code
 
-    def attempt_ended(self, ended: Outcome | _Failure, seconds: float) -> None:
+    def attempt_ended(self, ended: Outcome | Failure, seconds: float) -> None:
         """The head's attempt ended: report the run, or queue its next attempt.
 
         Retries live here, not in the child, so a timeout or a dead child counts as one
@@ -433,132 +369,10 @@ class _Slot:
         self.window.popleft()
         if self.child is not None:
             self.sent -= 1
-        if isinstance(ended, _Failure):
+        if isinstance(ended, Failure):
             ended = Outcome(FAILED, None, ended.error, ended.traceback, entry.attempt, 0.0)
         ended.attempts, ended.duration = entry.attempt, entry.spent
         self.ended.append((entry.task, ended))
-
-
-# -- the worker process --------------------------------------------------------------
-
-
-def _watch_parent() -> None:
-    """Exit when the dispatcher's process is gone (kill -9): no orphan burns CPU."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent:
-                with contextlib.suppress(OSError):  # with what the run started
-                    os.killpg(0, signal.SIGKILL)
-                os._exit(1)
-
-    threading.Thread(target=watch, name="alma-parent-watch", daemon=True).start()
-
-
-def _child_main() -> None:
-    """Serve runs over the socket given in argv until the parent closes it."""
-    # Ctrl-C in a terminal reaches the whole process group; the dispatcher decides
-    # what a stop means (it kills us), so a run must not die of it on its own.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    conn = _Pipe(socket.socket(fileno=int(sys.argv[1])))
-    _watch_parent()
-    try:
-        init: _Init = (conn.receive() or [None])[0]  # None only with a timeout
-    except (EOFError, OSError):
-        return
-    try:
-        sys.path[:] = init.sys_path
-        caller = make_caller(unship(init.run))
-    except BaseException as exc:
-        conn.send(_Failure(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
-        return
-    conn.send(_READY)
-
-    queued: deque[Task] = deque()  # runs sent ahead by the driver, in order
-
-    def receive() -> bool:
-        """Take what the driver sent: runs to queue, or the answer to a checkpoint."""
-        acked = False
-        for msg in conn.receive() or ():  # None only with a timeout
-            if msg == _ACK:
-                acked = True
-            else:
-                queued.extend(map(_from_wire, msg))
-        return acked
-
-    def checkpoint(task: Task, text: str) -> None:
-        # The parent answers once the checkpoint is committed; on a stop it kills this
-        # process instead, so there is nothing else to answer. Runs it sent ahead
-        # meanwhile wait their turn.
-        conn.send(_Checkpoint(text))
-        while not receive():
-            pass
-
-    while True:
-        if not queued:
-            try:
-                receive()
-            except (EOFError, OSError):
-                return
-            continue
-        o = execute(caller, queued.popleft(), checkpoint, 0)
-        # A plain tuple (see _to_wire); ended_at by this machine's clock, as it is
-        # reported a little later.
-        conn.send((o.status, o.result, o.error, o.traceback, o.attempts, o.duration, time.time()))
-
-
-# -- the messages between the driver and its child -------------------------------------
-#
-# Runs and outcomes, the messages of every run, travel as plain tuples: pickling a
-# slotted dataclass runs Python code per object (its __getstate__ and __setstate__),
-# which took about 40% of the dispatcher's GIL time per run on no-op runs (py-spy).
-
-
-def _to_wire(task: Task) -> tuple[Any, ...]:
-    """What a worker process needs of a run: what ``run()`` may receive."""
-    return (task.path, task.iteration, task.params, task.seed, task.checkpoint)
-
-
-#: Runs rebuilt in a worker process carry no key and no instance name: only the
-#: driver, which keeps the original Task, reports them.
-_NO_KEY = RunKey(-1, -1, -1)
-
-
-def _from_wire(fields: tuple[Any, ...]) -> Task:
-    path, iteration, params, seed, checkpoint = fields
-    return Task(_NO_KEY, "", path, iteration, params, seed, checkpoint)
-
-
-@dataclass(frozen=True)
-class _Init:
-    """First message to a child: the parent's import path and the run function."""
-
-    sys_path: list[str]
-    run: ShippedRun
-
-
-@dataclass(frozen=True)
-class _Checkpoint:
-    """A child's run called ``save_callback``: the parent commits it, then acks."""
-
-    state: str
-
-
-@dataclass(frozen=True)
-class _Failure:
-    """Why an attempt ended without an outcome from the run: the child could not start
-    or load the run function, died, or ran over the timeout."""
-
-    error: str
-    traceback: str | None = None
-
-
-#: A child's answer to _Init once the run function is loaded.
-_READY = "ready"
-#: The parent's answer to a checkpoint, once committed.
-_ACK = "ok"
 
 
 __all__ = ["ProcessExecutor", "describe_exit"]
