@@ -26,6 +26,7 @@ alternate within each round (the order rotates); ratios use each one's median ru
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import math
 import os
@@ -207,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import joblib
 
+    import alma
+
+    # Worker processes import alma inside the clock: with its bytecode compiled, as
+    # after a pip install, even where PYTHONDONTWRITEBYTECODE keeps Python from
+    # writing it (an editable install would otherwise compile alma in every worker).
+    compileall.compile_dir(Path(alma.__file__).parent, quiet=1)
     sizes = QUICK if args.quick else SIZES
     if args.ms:
         sizes = {ms: n for ms, n in sizes.items() if ms in args.ms}
