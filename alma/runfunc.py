@@ -8,6 +8,7 @@ and shipped the same way wherever it runs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -247,7 +248,7 @@ class ShippedRun:
     #: executed there under the same names, so tracebacks show the user's file and
     #: lines, and the file need not exist on the worker.
     module: tuple[str, str, str] | None = None
-    #: Anything else, cloudpickled (see :func:`ship` for by value or by reference).
+    #: Anything else, pickled (see :func:`ship`: by reference, or by value with cloudpickle).
     pickled: bytes | None = None
 
 
@@ -274,8 +275,6 @@ def ship(run: Callable[..., Any], executor: str, destination: str, *, remote: bo
     keeping module-level state and identity as a plain import would.
     Raises ConfigError, naming the executor, for a function that cannot be pickled.
     """
-    import cloudpickle
-
     module = sys.modules.get(getattr(run, "__module__", "") or "")
     name = getattr(module, "__name__", "")
     file = getattr(module, "__file__", None)
@@ -285,6 +284,15 @@ def ship(run: Callable[..., Any], executor: str, destination: str, *, remote: bo
         except OSError:
             pass  # the file went away: pickle the function instead
     by_value = remote and module is not None and name != "__main__" and not _installed(module)
+    if not by_value and name not in ("", "__main__") and isinstance(run, types.FunctionType):
+        # A module's function travels by reference, as plain pickle writes it (the same
+        # bytes cloudpickle would write): this spares importing cloudpickle, about 6 ms
+        # of every start of the processes executor. Plain pickle refuses what cannot
+        # be found again by its name (a lambda, a nested function): cloudpickle's turn.
+        with contextlib.suppress(pickle.PicklingError, AttributeError, TypeError):
+            return ShippedRun(pickled=pickle.dumps(run, pickle.HIGHEST_PROTOCOL))
+    import cloudpickle
+
     with _pickle_lock:  # registering by value is process-wide: undo it right after
         if by_value:
             cloudpickle.register_pickle_by_value(module)

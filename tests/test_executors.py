@@ -460,6 +460,50 @@ def test_processes_run_defined_in_main_script(tmp_path: Path) -> None:
     assert set(got["status"]) == {"done"}
 
 
+def test_shipping_a_module_function_needs_no_cloudpickle(tmp_path: Path) -> None:
+    """A run function a worker can import by name travels as plain pickle writes it
+    (cloudpickle's import is spared at start); one it cannot (a lambda) still goes
+    through cloudpickle. Both come back as working functions."""
+    (tmp_path / "runs.py").write_text(
+        "def run(instance):\n    return len(instance)\n\nlam = lambda instance: 2 * len(instance)\n"
+    )
+    code = textwrap.dedent(
+        """
+        import json, pickle, sys
+        import runs
+        from alma.runfunc import ship, unship
+
+        plain = ship(runs.run, "processes", "a worker process", remote=False)
+        before = "cloudpickle" in sys.modules
+        lam = ship(runs.lam, "processes", "a worker process", remote=False)
+        print(json.dumps({
+            "cloudpickle_before_lambda": before,
+            "plain_is_by_reference": unship(plain) is runs.run,
+            "same_as_cloudpickle": plain.pickled == __import__("cloudpickle").dumps(
+                runs.run, pickle.HIGHEST_PROTOCOL),
+            "lambda_result": unship(lam)("abc"),
+        }))
+        """
+    )
+    env = python_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {
+        "cloudpickle_before_lambda": False,
+        "plain_is_by_reference": True,
+        "same_as_cloudpickle": True,
+        "lambda_result": 6,
+    }
+
+
 def test_processes_unpicklable_run_is_a_config_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dispatchers: list[Any]
 ) -> None:
