@@ -10,7 +10,13 @@ CPU-bound, like pure Python), 2 workers each:
 * **loky**: ``joblib.Parallel(n_jobs=2, backend="loky")`` (auto-batching);
 * **PPE 1**: ``concurrent.futures.ProcessPoolExecutor(2).map(..., chunksize=1)``;
 * **PPE auto**: the same with ``chunksize = ceil(runs / (4 x workers))``, the rule
-  ``multiprocessing.Pool.map`` uses when given none.
+  ``multiprocessing.Pool.map`` uses when given none;
+* **PPE 1 fs**: PPE 1 with ``mp_context=multiprocessing.get_context("forkserver")``,
+  the default start method on Linux from Python 3.14 on. The others fork the measuring
+  process, so their workers start with everything already imported; a forkserver's
+  workers, like alma's, start from a fresh interpreter (alma does not fork: forking a
+  process that has threads, as a Jupyter kernel always does, is unsafe). Put next to
+  PPE 1, it shows what of a difference is start-up.
 
 The peers keep results in memory and persist nothing. Each measurement runs in a fresh
 Python process with the libraries imported before the clock starts (alma's dispatcher
@@ -40,8 +46,14 @@ from pathlib import Path
 from typing import Any
 
 WORKERS = 2
-CONTENDERS = ["alma", "loky", "ppe1", "ppe_auto"]
-LABELS = {"alma": "alma", "loky": "loky", "ppe1": "PPE 1", "ppe_auto": "PPE auto"}
+CONTENDERS = ["alma", "loky", "ppe1", "ppe_auto", "ppe1_fs"]
+LABELS = {
+    "alma": "alma",
+    "loky": "loky",
+    "ppe1": "PPE 1",
+    "ppe_auto": "PPE auto",
+    "ppe1_fs": "PPE 1 fs",
+}
 #: Run lengths (ms) and how many runs each, full and --quick.
 SIZES = {0.0: 20_000, 0.1: 10_000, 1.0: 4_000, 10.0: 600}
 QUICK = {0.0: 4_000, 0.1: 2_000, 1.0: 400, 10.0: 60}
@@ -131,6 +143,7 @@ def measure(contender: str, folder: str, runs: int) -> dict[str, Any]:
     # alma and concurrent.futures load their machinery on first use (PEP 562), so that
     # is imported here too: what each contender's first call would import.
     import concurrent.futures.process
+    import multiprocessing
 
     import joblib
     import work  # the module written for this run length
@@ -169,8 +182,9 @@ def measure(contender: str, folder: str, runs: int) -> dict[str, Any]:
         get_reusable_executor().shutdown(wait=True)
         assert len(out) == runs
     else:
-        chunk = 1 if contender == "ppe1" else math.ceil(runs / (4 * WORKERS))
-        with concurrent.futures.ProcessPoolExecutor(WORKERS) as pool:
+        chunk = math.ceil(runs / (4 * WORKERS)) if contender == "ppe_auto" else 1
+        context = multiprocessing.get_context("forkserver" if contender == "ppe1_fs" else "fork")
+        with concurrent.futures.ProcessPoolExecutor(WORKERS, mp_context=context) as pool:
             n = sum(1 for _ in pool.map(work.work, range(runs), chunksize=chunk))
         elapsed = time.perf_counter() - t0
         assert n == runs
@@ -251,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             rates: dict[str, list[float]] = {c: [] for c in CONTENDERS}
             peaks: dict[str, list[float]] = {c: [] for c in CONTENDERS}
             for r in range(rounds):
-                for c in CONTENDERS[r % 4 :] + CONTENDERS[: r % 4]:
+                for c in CONTENDERS[r % len(CONTENDERS) :] + CONTENDERS[: r % len(CONTENDERS)]:
                     m = in_subprocess(c, folder, runs)
                     rates[c].append(runs / m["seconds"])
                     peaks[c].append(m["peak_mb"])
