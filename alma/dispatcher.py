@@ -64,7 +64,8 @@ class Progress:
     done: int
     #: Runs finished with an error (after their retries).
     failed: int
-    #: Runs in flight now.
+    #: Runs executing now (on Dask: submitted to the cluster). A run a worker holds
+    #: queued behind the one it executes counts as pending.
     running: int
     #: Runs still owed: total − done − failed − running (a run that just ended counts
     #: here until its group commit, a few milliseconds later).

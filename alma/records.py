@@ -106,8 +106,9 @@ class Task:
     seed: int
     #: The run's last checkpoint (JSON text), or None: what ``run()`` gets as ``state``.
     checkpoint: str | None = None
-    #: Unix time it was handed out, and of its last checkpoint in this session (what
-    #: front-ends show of the runs in flight).
+    #: Unix time its run began (0.0 while it waits in a worker's queue, handed out but
+    #: not started), and of its last checkpoint in this session: what front-ends show
+    #: of the runs executing.
     started: float = 0.0
     checkpointed: float | None = None
 

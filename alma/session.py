@@ -168,8 +168,10 @@ class Session:
 
     @property
     def running(self) -> int:
-        """How many runs execute now."""
-        return len(self._inflight)
+        """How many runs execute now (not those handed out that wait in a worker's
+        queue behind another)."""
+        with self._lock:
+            return sum(1 for task in self._inflight.values() if task.started)
 
     @property
     def dashboard(self) -> str | None:
@@ -205,7 +207,7 @@ class Session:
     def in_flight(self) -> list[Task]:
         """The runs executing now."""
         with self._lock:
-            return list(self._inflight.values())
+            return [task for task in self._inflight.values() if task.started]
 
     def resume(self) -> int | None:
         """(Re)plan and reserve an executor for the workers missing; returns how many
@@ -304,21 +306,25 @@ class Session:
     # -- RunSource: what executors call ------------------------------------------------
 
     def next_task(self) -> Task | None:
-        """Hand out the next run owed (hot path: one lock, no I/O)."""
+        """Hand out the next run owed, to start now (hot path: one lock, no I/O)."""
         tasks = self.next_tasks(1)
-        return tasks[0] if tasks else None
+        if not tasks:
+            return None
+        tasks[0].started = time.time()
+        return tasks[0]
 
     def next_tasks(self, n: int) -> list[Task]:
         """Hand out up to ``n`` runs owed, in plan order, under one lock: executors that
-        keep a few runs queued per worker take them several at a time. Empty when none
-        is owed (or a stop was asked)."""
+        keep a few runs queued per worker take them several at a time, and set each
+        one's ``started`` when it begins. Empty when none is owed (or a stop was
+        asked)."""
         tasks: list[Task] = []
         with self._lock:
             plan = self._plan
             if plan is None:
                 return tasks
             ids, inflight, saving = self._tally.ids, self._inflight, self._saving
-            spec, checkpoints, now = self.spec, self._checkpoints, time.time()
+            spec, checkpoints = self.spec, self._checkpoints
             for pos, it in plan:
                 key = RunKey(*ids[pos], it)
                 if key in inflight or key in saving:
@@ -333,7 +339,6 @@ class Session:
                     config.params,
                     seed_of(name, it, config.key, spec.seed),
                     checkpoints.get(key),
-                    now,
                 )
                 inflight[key] = task
                 tasks.append(task)

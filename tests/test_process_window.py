@@ -124,7 +124,9 @@ def test_stop_with_a_full_window_ends_at_once_and_owes_the_rest(
     d = _load(exp, dispatchers)
     d.start()
     wait_until(lambda: d.progress.done == 200, timeout=30)
-    assert d.progress.running > 1  # the held run, and the runs queued behind it
+    p = d.progress  # the held run runs; those queued behind it in its window wait
+    assert (p.done, p.running, p.pending) == (200, 1, 199)
+    assert [(r.instance, r.iteration) for r in d.in_flight] == [("data/file0.txt", 200)]
     t0 = time.monotonic()
     assert d.stop(timeout=10) is True
     assert time.monotonic() - t0 < 2.0
@@ -222,3 +224,29 @@ def test_workers_import_the_alma_the_dispatcher_runs(
     assert d.join(timeout=60) is True
     assert (d.progress.done, d.progress.failed) == (4, 0), d.last_error
     d.close()
+
+
+@pytest.mark.parametrize("executor", ["processes", "threads"])
+def test_runs_queued_in_a_window_are_pending_not_running(
+    make_experiment: ExperimentFactory, dispatchers: list[Any], executor: str
+) -> None:
+    """Short runs go out several at a time to each worker; only the one it executes
+    counts as running (``progress``, ``in_flight``, ``state``), never more than the
+    workers."""
+    exp = make_experiment(
+        "import time\n\ndef run(instance, save_callback, state):\n    time.sleep(0.002)\n",
+        instances=4,
+        iterations=150,
+        workers=2,
+        executor=executor,
+    )
+    d = _load(exp, dispatchers)
+    seen: list[tuple[int, int, int]] = []
+    d.start()
+    while not d.finished:
+        p = d.progress
+        seen.append((p.running, len(d.in_flight), int(d.state["running"].sum())))
+        assert p.done + p.failed + p.running + p.pending == 600
+    assert d.join(timeout=60) is True
+    assert max(max(s) for s in seen) <= 2, Counter(seen)
+    assert any(s[0] >= 1 for s in seen), seen  # it was sampled while runs ran

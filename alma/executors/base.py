@@ -38,11 +38,13 @@ class RunSource(Protocol):
     """The session, as executors see it: where tasks come from and outcomes go."""
 
     def next_task(self) -> Task | None:
-        """The next run owed, or None when there is none (or a stop was asked)."""
+        """The next run owed, to start now (its ``started`` is set), or None when there
+        is none (or a stop was asked)."""
 
     def next_tasks(self, n: int) -> list[Task]:
         """Up to ``n`` runs owed at once (empty when there is none): for executors that
-        keep a few runs queued per worker."""
+        keep a few runs queued per worker. Set a task's ``started`` (``time.time()``)
+        when its run begins: until then it counts as pending, not running."""
 
     def report(self, task: Task, outcome: Outcome) -> None:
         """A run finished (done or failed); the session stores it."""

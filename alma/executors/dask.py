@@ -446,8 +446,10 @@ class _Window:
             key=keys,
             pure=False,
         )
+        now = time.time()  # Dask runs them as its workers free up: running from here
         with self.ex._lock:
             for key, fut, (task, _) in zip(keys, futures, tasks, strict=True):
+                task.started = now
                 self.ex._futures[key] = fut
                 self.ex._tasks[task.key] = task
         self.meta.update(zip(keys, tasks, strict=True))

@@ -281,10 +281,11 @@ class _Slot:
                 return
             self.child, self.sent = spawned, 0
         if self.sent < len(self.window):
-            if self.sent == 0:
-                self.head_since = time.monotonic()
+            idle = self.sent == 0
             batch = [to_wire(e.task) for e in itertools.islice(self.window, self.sent, None)]
             self.sent = len(self.window)
+            if idle:
+                self.began()
             with contextlib.suppress(OSError):  # the child is gone: the receive says how
                 self.child.conn.send(batch)
         try:
@@ -323,10 +324,10 @@ class _Slot:
             return
         for msg in messages:
             if type(msg) is tuple:  # an outcome: the head's attempt ended
-                self.head_since = time.monotonic()  # the child has begun the next one
                 status, result, error, tb, attempts, d, ended_at = msg
                 self.mean = d if self.mean is None else 0.8 * self.mean + 0.2 * d
                 self.attempt_ended(Outcome(status, result, error, tb, attempts, d, 0, ended_at), d)
+                self.began()  # the child has begun the next run it holds
                 continue
             assert isinstance(msg, Checkpoint), msg
             self.flush()  # the runs that ended before need not wait for this commit
@@ -339,6 +340,13 @@ class _Slot:
                 raise _AbortedError from None
             with contextlib.suppress(OSError):
                 child.conn.send(ACK)
+
+    def began(self) -> None:
+        """The child has begun the window's head, if it holds one: that run's timeout
+        counts from now, and it is running (the runs behind it are queued)."""
+        self.head_since = time.monotonic()
+        if self.sent:
+            self.window[0].task.started = time.time()
 
     def lose_child(self) -> int | None:
         """End the child (dead, stuck or stopped); the window goes to the next one.
@@ -363,6 +371,7 @@ class _Slot:
         if not done and entry.attempt <= self.ex.retries:
             entry.attempt += 1
             if self.child is not None:  # it goes on with the window: retry at its end
+                entry.task.started = 0.0  # queued again
                 self.window.rotate(-1)
                 self.sent -= 1
             return  # else the head is the first run the next child gets

@@ -70,6 +70,7 @@ class ThreadExecutor(Executor):
                             if not queued:  # the session has none: this worker is done
                                 return
                         continue
+                    task.started = time.time()
                     t0 = time.perf_counter()
                     try:
                         outcome = execute(caller, task, source.checkpoint, retries)
