@@ -127,11 +127,15 @@ def throughput(tmp: Path, runs: int, rounds: int) -> dict[str, float]:
     }
     names = list(contenders)
     rates: dict[str, list[float]] = {name: [] for name in names}
+    peaks: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         rate: dict[str, float] = {}
         for name in names[r % 3 :] + names[: r % 3]:  # rotate who goes first
+            before = reset_peak()
             rate[name] = n / contenders[name](r)
             rates[name].append(rate[name])
+            if before >= 0:
+                peaks[name].append(peak_mb() - before)
         print(f"    {r + 1:<7}" + "".join(f"{rate[k]:>12,.0f}" for k in names))
         persisted = check_persisted(files, iterations, tmp / f"bench{r}.sqlite")
         if persisted != n:
@@ -139,6 +143,12 @@ def throughput(tmp: Path, runs: int, rounds: int) -> dict[str, float]:
     median = {k: statistics.median(v) for k, v in rates.items()}
     print(f"    {'best':<7}" + "".join(f"{max(rates[k]):>12,.0f}" for k in names))
     print(f"    {'median':<7}" + "".join(f"{median[k]:>12,.0f}" for k in names))
+    if all(peaks.values()):
+        print(
+            f"    {'peak MB':<7}"
+            + "".join(f"{statistics.median(peaks[k]):>12.1f}" for k in names)
+            + "   (median; above the RSS at its start, all in this process)"
+        )
     print(f"    alma persisted all {n:,} runs in every round (read back from a fresh load)")
     return median
 
@@ -157,6 +167,18 @@ def write_big_experiment(folder: Path, instances: int, iterations: int) -> None:
     experiment = {"load": "noop.py", "batch": "big.batch", "iterations": iterations}
     experiment["workers"] = WORKERS
     (folder / "big.experiment").write_text(json.dumps(experiment))
+
+
+def reset_peak() -> float:
+    """Reset this process's peak resident memory to its current size (Linux 4.0 and
+    later: "5" into /proc/self/clear_refs) and return that size in MB; -1 where it
+    cannot be (the peak MB row is then left out)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return -1.0
+    return peak_mb()
 
 
 def peak_mb() -> float:

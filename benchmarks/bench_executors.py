@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import os
 import platform
 import random
@@ -39,6 +40,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from bench_core import peak_mb, reset_peak  # this folder: the scripts run from here
 
 WORK_MODULE = '''
 """Randomized local search for number partitioning: CPU-bound, pure Python."""
@@ -174,13 +177,22 @@ def time_dask_raw(
     return elapsed
 
 
+#: Peak memory of this process during each contender's calls, above its size when it
+#: began (MB; worker processes not included): the smallest over the repeats, as the
+#: first call of the first contender also pays for importing alma, pandas and the rest.
+PEAKS: dict[str, float] = {}
+
+
 def best(fns: dict[str, Callable[[], float]], repeat: int) -> dict[str, float]:
     """Run every contender ``repeat`` times, rotating the order; keep the best time each."""
     times: dict[str, float] = {k: float("inf") for k in fns}
     names = list(fns)
     for r in range(repeat):
         for k in names[r % len(names) :] + names[: r % len(names)]:
+            before = reset_peak()
             times[k] = min(times[k], fns[k]())
+            if before >= 0:
+                PEAKS[k] = min(PEAKS.get(k, math.inf), peak_mb() - before)
             print(f"  {k:<34} {times[k]:7.2f} s (best so far)", flush=True)
     return times
 
@@ -255,9 +267,12 @@ def main() -> None:
     runs = {k: total * (SHORT_FACTOR if "short" in k else 1) for k in {**proc, **dask}}
     rate = {k: runs[k] / v for k, v in {**proc, **dask}.items()}
     print()
-    print(f"{'contender':<34} {'seconds':>8} {'runs/s':>8}")
+    print(f"{'contender':<34} {'seconds':>8} {'runs/s':>8} {'peak MB':>8}")
     for k, v in {**proc, **dask}.items():
-        print(f"{k:<34} {v:8.2f} {rate[k]:8.1f}")
+        peak = f"{PEAKS[k]:8.1f}" if k in PEAKS else ""
+        print(f"{k:<34} {v:8.2f} {rate[k]:8.1f} {peak}")
+    print("(peak MB: this process's, above its size when the contender began; the worker")
+    print(" processes, the pools' and the Dask cluster's, are not in it)")
     ratios = {
         "2 vs 1 worker": rate["alma processes, 2 workers"] / rate["alma processes, 1 worker"],
         "vs ProcessPoolExecutor": rate["alma processes, 2 workers"]
